@@ -1,0 +1,1 @@
+"""machinery: a distributed task queue for Python, wire-compatible with Go Machinery."""

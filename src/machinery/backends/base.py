@@ -1,0 +1,147 @@
+"""The Backend contract: where task states, results and group progress are stored."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from machinery.portal import Portal
+from machinery.tasks.state import GroupMeta, TaskState
+
+if TYPE_CHECKING:
+    from machinery.config import Config
+
+
+@dataclass(frozen=True, slots=True)
+class GroupProgress:
+    """What one member's completion did to its group, returned atomically by the backend.
+
+    `counted` is False when this member had already been counted (a redelivered task), so the
+    caller that sees done == total with counted True is the only one that may fire the chord.
+    """
+
+    done: int
+    failed: int
+    counted: bool
+
+
+class Backend(ABC):
+    """Stores states (Go's TaskState JSON where the store is Go-compatible) and group metadata."""
+
+    def __init__(self, cnf: Config, url: str = "") -> None:
+        self.cnf = cnf
+        self.url = url
+        self._portal: Portal | None = None
+
+    @property
+    def expire_in(self) -> int:
+        """Seconds results are kept (0 in the config means 3600, as in Go)."""
+        return self.cnf.results_expire_in or 3600
+
+    # --- primitives ------------------------------------------------------------------------
+
+    @abstractmethod
+    async def set_states(self, states: Sequence[TaskState]) -> None:
+        """Store states, each replacing the task's previous one, with the configured expiry."""
+
+    @abstractmethod
+    async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
+        """Stored states in the order asked; None where nothing is stored (or it expired)."""
+
+    @abstractmethod
+    async def init_group(self, group_uuid: str, task_uuids: Sequence[str]) -> None:
+        """Record a group's members before any of them runs."""
+
+    @abstractmethod
+    async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
+        """The group record, or None when unknown or expired."""
+
+    @abstractmethod
+    async def group_member_done(self, group_uuid: str, task_uuid: str, total: int, failed: bool) -> GroupProgress:
+        """Count a member's final state once (atomically, idempotent per task UUID)."""
+
+    @abstractmethod
+    async def trigger_chord(self, group_uuid: str) -> bool:
+        """Atomically set the group's ChordTriggered flag; True only for the one caller that set it."""
+
+    @abstractmethod
+    async def purge_state(self, task_uuid: str) -> None:
+        """Forget a task's state."""
+
+    @abstractmethod
+    async def purge_group_meta(self, group_uuid: str) -> None:
+        """Forget a group's record and progress."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections of the current event loop."""
+
+    # --- built on the primitives; drivers may override for speed ---------------------------
+
+    async def set_state(self, state: TaskState) -> None:
+        await self.set_states([state])
+
+    async def get_state(self, task_uuid: str) -> TaskState | None:
+        return (await self.get_states([task_uuid]))[0]
+
+    async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
+        """Wait until the task is SUCCESS or FAILURE; None when the timeout passes first.
+
+        This default polls with a short back-off; drivers that can be woken on completion
+        (pub/sub, in-process events) override it.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            state = await self.get_state(task_uuid)
+            if state is not None and state.is_completed():
+                return state
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                await asyncio.sleep(min(delay, left))
+            else:
+                await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+
+    def attach(self, portal: Portal) -> None:
+        self._portal = portal
+
+    def _run(self, coro: Any) -> Any:
+        if self._portal is None:
+            self._portal = Portal("machinery-backend")
+        return self._portal.run(coro)
+
+
+class NullBackend(Backend):
+    """Stores nothing (`null` URL): results cannot be read and chords cannot work."""
+
+    async def set_states(self, states: Sequence[TaskState]) -> None:
+        return None
+
+    async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
+        return [None for _ in task_uuids]
+
+    async def init_group(self, group_uuid: str, task_uuids: Sequence[str]) -> None:
+        return None
+
+    async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
+        return None
+
+    async def group_member_done(self, group_uuid: str, task_uuid: str, total: int, failed: bool) -> GroupProgress:
+        from machinery.errors import BackendError
+
+        raise BackendError("the null result backend cannot track groups; chords need a real result backend")
+
+    async def trigger_chord(self, group_uuid: str) -> bool:
+        return False
+
+    async def purge_state(self, task_uuid: str) -> None:
+        return None
+
+    async def purge_group_meta(self, group_uuid: str) -> None:
+        return None

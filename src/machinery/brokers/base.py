@@ -1,0 +1,154 @@
+"""The Broker contract: the few primitives each driver implements.
+
+Retries, workflows, state writes, prefetch bounds and lease renewal scheduling live once in the
+worker and server; a driver only moves bytes. Everything here is asyncio; drivers must work from
+any event loop (keep per-loop connections with `PerLoop`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from machinery.portal import Portal
+from machinery.tasks.signature import Signature, decode_signature
+
+if TYPE_CHECKING:
+    from machinery.config import Config
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True, eq=False)
+class Delivery:
+    """One fetched message. `receipt` is the driver's handle (row id, delivery tag, receipt handle)."""
+
+    body: bytes
+    queue: str
+    receipt: Any = None
+    redelivered: bool = False
+    attempts: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PerLoop(Generic[T]):
+    """One resource per event loop (clients of asyncio libraries are bound to the loop that made them)."""
+
+    def __init__(self) -> None:
+        self._items: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = weakref.WeakKeyDictionary()
+
+    def get(self, factory: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        item = self._items.get(loop)
+        if item is None:
+            item = factory()
+            self._items[loop] = item
+        return item
+
+    def current(self) -> T | None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        return self._items.get(loop)
+
+    def pop_current(self) -> T | None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        return self._items.pop(loop, None)
+
+    def values(self) -> list[T]:
+        return list(self._items.values())
+
+
+class Broker(ABC):
+    """Moves encoded signatures between producers and workers."""
+
+    #: seconds a fetched delivery stays claimed without renew(); None if the broker tracks liveness itself
+    lease_seconds: float | None = None
+
+    def __init__(self, cnf: Config, url: str = "") -> None:
+        self.cnf = cnf
+        self.url = url
+        self._portal: Portal | None = None
+
+    # --- primitives ------------------------------------------------------------------------
+
+    @abstractmethod
+    async def publish(self, sig: Signature, body: bytes, eta_ns: int | None) -> None:
+        """Enqueue `body` on `sig.routing_key`; when `eta_ns` (Unix ns) is in the future, hold it until then."""
+
+    async def publish_many(self, items: Sequence[tuple[Signature, bytes, int | None]]) -> None:
+        """Enqueue several messages; drivers override this with one round trip."""
+        for sig, body, eta_ns in items:
+            await self.publish(sig, body, eta_ns)
+
+    @abstractmethod
+    async def fetch(self, queue: str, max_count: int, wait: float) -> list[Delivery]:
+        """Claim up to `max_count` ready messages, waiting up to `wait` seconds for the first one.
+
+        Claimed messages stay invisible to other consumers until ack(), requeue(), or (for leased
+        brokers) lease expiry without renew().
+        """
+
+    @abstractmethod
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Remove finished messages for good."""
+
+    @abstractmethod
+    async def requeue(self, deliveries: Sequence[Delivery], delay: float = 0.0) -> None:
+        """Give messages back to their queue, visible again after `delay` seconds."""
+
+    @abstractmethod
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move an unusable message (undecodable, malformed) aside, keeping the reason."""
+
+    async def renew(self, deliveries: Sequence[Delivery]) -> None:  # noqa: B027 - optional hook
+        """Extend the claim on messages still being worked on (leased brokers)."""
+
+    @abstractmethod
+    async def pending(self, queue: str) -> list[bytes]:
+        """The bodies waiting in `queue`, oldest first, without consuming them."""
+
+    async def delayed(self) -> list[bytes]:
+        """The bodies of messages held back by an ETA."""
+        return []
+
+    async def dead_letters(self) -> list[tuple[bytes, str]]:
+        """(body, reason) of dead-lettered messages, where the driver keeps them readable."""
+        return []
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections of the current event loop."""
+
+    # --- conveniences built on the primitives ----------------------------------------------
+
+    def attach(self, portal: Portal) -> None:
+        self._portal = portal
+
+    def _run(self, coro: Any) -> Any:
+        if self._portal is None:
+            self._portal = Portal("machinery-broker")
+        return self._portal.run(coro)
+
+    async def aget_pending_tasks(self, queue: str = "") -> list[Signature]:
+        return [decode_signature(b) for b in await self.pending(queue or self.cnf.default_queue)]
+
+    def get_pending_tasks(self, queue: str = "") -> list[Signature]:
+        """Signatures waiting in `queue` (default queue when empty), oldest first."""
+        result: list[Signature] = self._run(self.aget_pending_tasks(queue))
+        return result
+
+    async def aget_delayed_tasks(self) -> list[Signature]:
+        return [decode_signature(b) for b in await self.delayed()]
+
+    def get_delayed_tasks(self) -> list[Signature]:
+        """Signatures held back until their ETA."""
+        result: list[Signature] = self._run(self.aget_delayed_tasks())
+        return result

@@ -1,0 +1,423 @@
+"""Configuration: every field of Go Machinery's config, from code, the environment or YAML.
+
+Defaults follow Go Machinery except the broker and backend, which default to the embedded
+SQLite file ./machinery.sqlite3 so that `Config()` works with no server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import ssl
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, get_type_hints
+
+import yaml
+
+from machinery.errors import ConfigError
+
+DEFAULT_SQLITE_URL = "sqlite:///machinery.sqlite3"
+EXCHANGE_TYPES = ("direct", "topic", "fanout", "headers")
+
+
+class _Section:
+    """Shared validation: check each field's type and run the section's own checks."""
+
+    _env_names: ClassVar[dict[str, str]] = {}
+    _yaml_names: ClassVar[dict[str, str]] = {}
+    _prefix: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            _check_type(f"{self._prefix}{f.name}", getattr(self, f.name), hints[f.name])
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    allowed = _allowed_types(hint)
+    if allowed is None:
+        return
+    if isinstance(value, bool) and bool not in allowed:
+        raise ConfigError(f"config field {name}: expected {_names(allowed)}, got bool {value!r}")
+    if not isinstance(value, tuple(allowed)):
+        raise ConfigError(
+            f"config field {name}: expected {_names(allowed)}, got {type(value).__name__} {value!r}"
+        )
+
+
+def _allowed_types(hint: Any) -> list[type] | None:
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        out: list[type] = []
+        for arg in typing.get_args(hint):
+            sub = _allowed_types(arg)
+            if sub is None:
+                return None
+            out.extend(sub)
+        return out
+    if hint is type(None):
+        return [type(None)]
+    if origin is not None:
+        return [origin]
+    if hint is float:
+        return [float, int]
+    if isinstance(hint, type):
+        return [hint]
+    return None
+
+
+def _names(types_: list[type]) -> str:
+    return " or ".join("None" if t is type(None) else t.__name__ for t in types_)
+
+
+def _non_negative(section: _Section, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 0:
+            raise ConfigError(f"config field {section._prefix}{name}: must be >= 0, got {getattr(section, name)}")
+
+
+@dataclass
+class AMQPConfig(_Section):
+    exchange: str = "machinery_exchange"
+    exchange_type: str = "direct"
+    queue_declare_args: dict[str, Any] | None = None
+    queue_binding_args: dict[str, Any] | None = None
+    binding_key: str = "machinery_task"
+    prefetch_count: int = 3
+    auto_delete: bool = False
+    delayed_queue: str = ""
+
+    _prefix = "amqp."
+    _env_names = {
+        "exchange": "AMQP_EXCHANGE", "exchange_type": "AMQP_EXCHANGE_TYPE",
+        "queue_declare_args": "AMQP_QUEUE_DECLARE_ARGS", "queue_binding_args": "AMQP_QUEUE_BINDING_ARGS",
+        "binding_key": "AMQP_BINDING_KEY", "prefetch_count": "AMQP_PREFETCH_COUNT",
+        "auto_delete": "AMQP_AUTO_DELETE", "delayed_queue": "AMQP_DELAYED_QUEUE",
+    }
+
+    def _validate(self) -> None:
+        if self.exchange_type not in EXCHANGE_TYPES:
+            raise ConfigError(
+                f"config field amqp.exchange_type: expected one of {', '.join(EXCHANGE_TYPES)}, "
+                f"got {self.exchange_type!r}"
+            )
+        _non_negative(self, "prefetch_count")
+
+
+@dataclass
+class SQSConfig(_Section):
+    wait_time_seconds: int = 0
+    visibility_timeout: int | None = None
+    visibility_heartbeat: bool = False
+    client: Any = None
+
+    _prefix = "sqs."
+    _env_names = {
+        "wait_time_seconds": "SQS_WAIT_TIME_SECONDS", "visibility_timeout": "SQS_VISIBILITY_TIMEOUT",
+        "visibility_heartbeat": "SQS_VISIBILITY_HEARTBEAT",
+    }
+    _yaml_names = {
+        "wait_time_seconds": "receive_wait_time_seconds", "visibility_timeout": "receive_visibility_timeout",
+        "visibility_heartbeat": "visibility_hearth_beat",
+    }
+
+    def _validate(self) -> None:
+        if not 0 <= self.wait_time_seconds <= 20:
+            raise ConfigError(f"config field sqs.wait_time_seconds: must be 0..20, got {self.wait_time_seconds}")
+        if self.visibility_timeout is not None and not 0 <= self.visibility_timeout <= 43200:
+            raise ConfigError(
+                f"config field sqs.visibility_timeout: must be 0..43200, got {self.visibility_timeout}"
+            )
+
+
+@dataclass
+class RedisConfig(_Section):
+    max_idle: int = 3
+    max_active: int = 0
+    idle_timeout: int = 240
+    wait: bool = False
+    read_timeout: int = 15
+    write_timeout: int = 15
+    connect_timeout: int = 15
+    normal_tasks_poll_period: int = 1000
+    delayed_tasks_poll_period: int = 500
+    delayed_tasks_key: str = "delayed_tasks"
+    client_name: str = ""
+    master_name: str = ""
+    cluster_mode: bool = False
+    sentinel_password: str = ""
+
+    _prefix = "redis."
+    _env_names = {
+        "max_idle": "REDIS_MAX_IDLE", "max_active": "REDIS_MAX_ACTIVE", "idle_timeout": "REDIS_IDLE_TIMEOUT",
+        "wait": "REDIS_WAIT", "read_timeout": "REDIS_READ_TIMEOUT", "write_timeout": "REDIS_WRITE_TIMEOUT",
+        "connect_timeout": "REDIS_CONNECT_TIMEOUT",
+        "normal_tasks_poll_period": "REDIS_NORMAL_TASKS_POLL_PERIOD",
+        "delayed_tasks_poll_period": "REDIS_DELAYED_TASKS_POLL_PERIOD",
+        "delayed_tasks_key": "REDIS_DELAYED_TASKS_KEY", "client_name": "REDIS_CLIENT_NAME",
+        "master_name": "REDIS_MASTER_NAME", "cluster_mode": "REDIS_CLUSTER_MODE",
+        "sentinel_password": "REDIS_SENTINEL_PASSWORD",
+    }
+    _yaml_names = {"idle_timeout": "max_idle_timeout"}
+    _aliases = {"cluster_enabled": "cluster_mode", "REDIS_CLUSTER_ENABLED": "cluster_mode"}
+
+    def _validate(self) -> None:
+        _non_negative(self, "max_idle", "max_active", "idle_timeout", "read_timeout", "write_timeout",
+                      "connect_timeout", "normal_tasks_poll_period", "delayed_tasks_poll_period")
+        if not self.delayed_tasks_key:
+            self.delayed_tasks_key = "delayed_tasks"
+
+
+@dataclass
+class GCPPubSubConfig(_Section):
+    client: Any = None
+    max_extension: float = 0.0
+
+    _prefix = "gcppubsub."
+
+
+@dataclass
+class MongoDBConfig(_Section):
+    client: Any = None
+    database: str = "machinery"
+
+    _prefix = "mongodb."
+
+
+@dataclass
+class DynamoDBConfig(_Section):
+    task_states_table: str = "task_states"
+    group_metas_table: str = "group_metas"
+    client: Any = None
+
+    _prefix = "dynamodb."
+    _env_names = {"task_states_table": "TASK_STATES_TABLE", "group_metas_table": "GROUP_METAS_TABLE"}
+
+
+@dataclass
+class SQLiteConfig(_Section):
+    """The embedded broker's settings (not in Go Machinery)."""
+
+    lease_seconds: float = 30.0
+    """How long a fetched task stays claimed without a heartbeat before another worker may take it."""
+    poll_interval_ms: int = 50
+    """Longest sleep between polls of an idle queue (other processes' sends are seen this fast)."""
+    busy_timeout_ms: int = 10000
+
+    _prefix = "sqlite."
+    _env_names = {"lease_seconds": "SQLITE_LEASE_SECONDS", "poll_interval_ms": "SQLITE_POLL_INTERVAL_MS",
+                  "busy_timeout_ms": "SQLITE_BUSY_TIMEOUT_MS"}
+
+    def _validate(self) -> None:
+        if self.lease_seconds <= 0:
+            raise ConfigError(f"config field sqlite.lease_seconds: must be > 0, got {self.lease_seconds}")
+        _non_negative(self, "poll_interval_ms", "busy_timeout_ms")
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "amqp": AMQPConfig, "sqs": SQSConfig, "redis": RedisConfig, "gcppubsub": GCPPubSubConfig,
+    "mongodb": MongoDBConfig, "dynamodb": DynamoDBConfig, "sqlite": SQLiteConfig,
+}
+
+
+@dataclass
+class Config(_Section):
+    """Everything a Server needs; `Config()` is the embedded SQLite default."""
+
+    broker: str = DEFAULT_SQLITE_URL
+    lock: str = ""
+    multiple_broker_separator: str = ""
+    default_queue: str = "machinery_tasks"
+    result_backend: str = DEFAULT_SQLITE_URL
+    results_expire_in: int = 3600
+    no_unix_signals: bool = False
+    tls: ssl.SSLContext | None = None
+    amqp: AMQPConfig = field(default_factory=AMQPConfig)
+    sqs: SQSConfig = field(default_factory=SQSConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    gcppubsub: GCPPubSubConfig = field(default_factory=GCPPubSubConfig)
+    mongodb: MongoDBConfig = field(default_factory=MongoDBConfig)
+    dynamodb: DynamoDBConfig = field(default_factory=DynamoDBConfig)
+    sqlite: SQLiteConfig = field(default_factory=SQLiteConfig)
+
+    _env_names = {
+        "broker": "BROKER", "lock": "LOCK", "multiple_broker_separator": "MULTIPLE_BROKER_SEPARATOR",
+        "default_queue": "DEFAULT_QUEUE", "result_backend": "RESULT_BACKEND",
+        "results_expire_in": "RESULTS_EXPIRE_IN", "no_unix_signals": "NO_UNIX_SIGNALS",
+    }
+
+    def _validate(self) -> None:
+        if not self.broker:
+            raise ConfigError("config field broker: must not be empty")
+        if not self.default_queue:
+            raise ConfigError("config field default_queue: must not be empty")
+        _non_negative(self, "results_expire_in")
+        if self.results_expire_in == 0:
+            self.results_expire_in = 3600
+        for name, cls in _SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                setattr(self, name, _section_from_mapping(cls, value))
+            elif not isinstance(value, cls):
+                raise ConfigError(f"config field {name}: expected {cls.__name__}, got {type(value).__name__}")
+
+    def broker_urls(self) -> list[str]:
+        """The broker URLs, split on multiple_broker_separator when it is set."""
+        if self.multiple_broker_separator:
+            return [u.strip() for u in self.broker.split(self.multiple_broker_separator) if u.strip()]
+        return [self.broker]
+
+    # --- loaders ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Read Go Machinery's variable names (BROKER, DEFAULT_QUEUE, RESULT_BACKEND, AMQP_EXCHANGE, ...)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        hints = get_type_hints(cls)
+        for name, var in cls._env_names.items():
+            if var in env:
+                values[name] = _parse_env(var, env[var], hints[name])
+        if "multiple_broker_separator" not in values and "MULTIPLE_BROKEN_SEPARATOR" in env:
+            values["multiple_broker_separator"] = env["MULTIPLE_BROKEN_SEPARATOR"]
+        for section, scls in _SECTIONS.items():
+            shints = get_type_hints(scls)
+            sub: dict[str, Any] = {}
+            for name, var in scls._env_names.items():
+                if var in env:
+                    sub[name] = _parse_env(var, env[var], shints[name])
+            if section == "redis" and "cluster_mode" not in sub and "REDIS_CLUSTER_ENABLED" in env:
+                sub["cluster_mode"] = _parse_env("REDIS_CLUSTER_ENABLED", env["REDIS_CLUSTER_ENABLED"], bool)
+            if sub:
+                values[section] = scls(**sub)
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], keep_reloading: bool = False) -> Config:
+        """Load a YAML file with Go Machinery's keys; with keep_reloading, re-read it every 10 s."""
+        cnf = cls._load_yaml(Path(path))
+        if keep_reloading:
+            _Reloader(cnf, Path(path)).start()
+        return cnf
+
+    @classmethod
+    def _load_yaml(cls, path: Path) -> Config:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        return cls.from_mapping(data, source=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "mapping") -> Config:
+        """Build from YAML-style keys (nested sections as mappings); unknown keys are errors."""
+        known = {f.name for f in fields(cls) if f.name != "tls"}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in _SECTIONS:
+                if value is None:
+                    continue
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"config field {key} in {source}: expected a mapping")
+                values[key] = _section_from_mapping(_SECTIONS[key], value)
+            elif key in known:
+                values[key] = value
+            else:
+                raise ConfigError(f"unknown config field {key!r} in {source}")
+        return cls(**values)
+
+
+def _section_from_mapping(cls: type[_Section], data: Mapping[str, Any]) -> _Section:
+    by_yaml = {cls._yaml_names.get(f.name, f.name): f.name for f in fields(cls)}  # type: ignore[arg-type]
+    by_yaml.update({f.name: f.name for f in fields(cls)})  # type: ignore[arg-type]
+    by_yaml.update(getattr(cls, "_aliases", {}))
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = by_yaml.get(key)
+        if name is None:
+            raise ConfigError(f"unknown config field {cls._prefix}{key}")
+        values[name] = value
+    return cls(**values)
+
+
+def _parse_env(var: str, raw: str, hint: Any) -> Any:
+    allowed = _allowed_types(hint) or [str]
+    if bool in allowed:
+        low = raw.strip().lower()
+        if low in ("1", "true", "t", "yes", "y", "on"):
+            return True
+        if low in ("0", "false", "f", "no", "n", "off", ""):
+            return False
+        raise ConfigError(f"environment variable {var}: expected a boolean, got {raw!r}")
+    if int in allowed and float not in allowed:
+        if raw.strip() == "" and type(None) in allowed:
+            return None
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"environment variable {var}: expected an integer, got {raw!r}") from None
+    if float in allowed:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"environment variable {var}: expected a number, got {raw!r}") from None
+    if dict in allowed:
+        return _parse_kv(var, raw)
+    return raw
+
+
+def _parse_kv(var: str, raw: str) -> dict[str, Any] | None:
+    """Go's envconfig map form: `k:v,k2:v2` (string values)."""
+    if not raw.strip():
+        return None
+    out: dict[str, Any] = {}
+    for part in raw.split(","):
+        key, sep, value = part.partition(":")
+        if not sep or not key.strip():
+            raise ConfigError(f"environment variable {var}: expected key:value pairs, got {raw!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+class _Reloader:
+    """Re-reads a YAML file every 10 s and copies the new values into the live Config."""
+
+    interval = 10.0
+
+    def __init__(self, cnf: Config, path: Path) -> None:
+        self._cnf = cnf
+        self._path = path
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        thread = threading.Thread(target=self._run, name=f"machinery-config-reload:{self._path}", daemon=True)
+        thread.start()
+
+    def _run(self) -> None:
+        from machinery.log import get_logger
+
+        while not self._stop.wait(self.interval):
+            try:
+                fresh = Config._load_yaml(self._path)
+            except ConfigError as exc:
+                get_logger().warning("config reload of %s failed, keeping the old values: %s", self._path, exc)
+                continue
+            for f in dataclasses.fields(Config):
+                if f.name != "tls":
+                    setattr(self._cnf, f.name, getattr(fresh, f.name))

@@ -1,0 +1,136 @@
+"""URL scheme -> driver class, imported lazily so that `import machinery` loads no driver."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from machinery.errors import ConfigError, DriverMissingError, UnknownSchemeError
+
+if TYPE_CHECKING:
+    from machinery.backends.base import Backend
+    from machinery.brokers.base import Broker
+    from machinery.config import Config
+    from machinery.locks.base import Lock
+
+Kind = Literal["broker", "backend", "lock"]
+
+
+@dataclass(frozen=True, slots=True)
+class Driver:
+    path: str  # "module:Class"
+    extra: str  # the pip extra that installs its dependencies ("" for none)
+    module_needed: str = ""  # a third-party module whose absence means the extra is missing
+
+
+_BROKERS: dict[str, Driver] = {
+    "memory": Driver("machinery.brokers.memory:MemoryBroker", ""),
+    "eager": Driver("machinery.brokers.memory:MemoryBroker", ""),
+    "sqlite": Driver("machinery.brokers.sqlite:SQLiteBroker", ""),
+    "redis": Driver("machinery.brokers.redis:RedisBroker", "redis", "redis"),
+    "rediss": Driver("machinery.brokers.redis:RedisBroker", "redis", "redis"),
+    "redis+socket": Driver("machinery.brokers.redis:RedisBroker", "redis", "redis"),
+    "amqp": Driver("machinery.brokers.amqp:AMQPBroker", "amqp", "aio_pika"),
+    "amqps": Driver("machinery.brokers.amqp:AMQPBroker", "amqp", "aio_pika"),
+    "sqs": Driver("machinery.brokers.sqs:SQSBroker", "sqs", "aiobotocore"),
+    "gcppubsub": Driver("machinery.brokers.gcppubsub:PubSubBroker", "gcppubsub", "google.cloud.pubsub_v1"),
+}
+_BACKENDS: dict[str, Driver] = {
+    "memory": Driver("machinery.backends.memory:MemoryBackend", ""),
+    "eager": Driver("machinery.backends.memory:MemoryBackend", ""),
+    "null": Driver("machinery.backends.base:NullBackend", ""),
+    "sqlite": Driver("machinery.backends.sqlite:SQLiteBackend", ""),
+    "redis": Driver("machinery.backends.redis:RedisBackend", "redis", "redis"),
+    "rediss": Driver("machinery.backends.redis:RedisBackend", "redis", "redis"),
+    "redis+socket": Driver("machinery.backends.redis:RedisBackend", "redis", "redis"),
+    "amqp": Driver("machinery.backends.amqp:AMQPBackend", "amqp", "aio_pika"),
+    "amqps": Driver("machinery.backends.amqp:AMQPBackend", "amqp", "aio_pika"),
+    "memcache": Driver("machinery.backends.memcache:MemcacheBackend", "memcache", "aiomcache"),
+    "mongodb": Driver("machinery.backends.mongodb:MongoBackend", "mongodb", "pymongo"),
+    "mongodb+srv": Driver("machinery.backends.mongodb:MongoBackend", "mongodb", "pymongo"),
+    "dynamodb": Driver("machinery.backends.dynamodb:DynamoDBBackend", "dynamodb", "aiobotocore"),
+}
+_LOCKS: dict[str, Driver] = {
+    "eager": Driver("machinery.locks.memory:MemoryLock", ""),
+    "memory": Driver("machinery.locks.memory:MemoryLock", ""),
+    "sqlite": Driver("machinery.locks.sqlite:SQLiteLock", ""),
+    "redis": Driver("machinery.locks.redis:RedisLock", "redis", "redis"),
+    "rediss": Driver("machinery.locks.redis:RedisLock", "redis", "redis"),
+}
+_TABLES: dict[Kind, dict[str, Driver]] = {"broker": _BROKERS, "backend": _BACKENDS, "lock": _LOCKS}
+_FIELD: dict[Kind, str] = {"broker": "broker", "backend": "result_backend", "lock": "lock"}
+
+
+def scheme_of(url: str, kind: Kind) -> str:
+    """The registry key for a URL; Go's https:// forms map to sqs / dynamodb."""
+    if url in ("eager", "null", "memory"):
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigError(
+            f"config field {_FIELD[kind]}: {url!r} is not a URL; expected SCHEME://..., "
+            f"known schemes: {', '.join(sorted(_TABLES[kind]))}"
+        )
+    scheme = scheme.lower()
+    if scheme in ("https", "http"):
+        host = rest.split("/", 1)[0].lower()
+        if kind == "broker" and (host.startswith("sqs") or os.environ.get("DISABLE_STRICT_SQS_CHECK")):
+            return "sqs"
+        if kind == "backend" and (host.startswith("dynamodb") or "dynamodb" in host):
+            return "dynamodb"
+    return scheme
+
+
+def driver_class(url: str, kind: Kind) -> type[Any]:
+    scheme = scheme_of(url, kind)
+    table = _TABLES[kind]
+    driver = table.get(scheme)
+    if driver is None:
+        raise UnknownSchemeError(
+            f"config field {_FIELD[kind]}: unknown {kind} URL scheme {scheme!r} in {_redact(url)}; "
+            f"known schemes: {', '.join(sorted(table))}"
+        )
+    module_name, _, cls_name = driver.path.partition(":")
+    if driver.module_needed:
+        try:
+            importlib.import_module(driver.module_needed)
+        except ImportError:
+            raise DriverMissingError(
+                f"the {scheme}:// {kind} needs an extra: pip install 'machinery[{driver.extra}]'"
+            ) from None
+    module = importlib.import_module(module_name)
+    cls: type[Any] = getattr(module, cls_name)
+    return cls
+
+
+def make_broker(cnf: Config, url: str | None = None) -> Broker:
+    url = url if url is not None else cnf.broker
+    broker: Broker = driver_class(url, "broker")(cnf, url)
+    return broker
+
+
+def make_backend(cnf: Config, url: str | None = None) -> Backend:
+    url = url if url is not None else cnf.result_backend
+    backend: Backend = driver_class(url, "backend")(cnf, url)
+    return backend
+
+
+def make_lock(cnf: Config, url: str | None = None) -> Lock:
+    """The lock for periodic tasks: cnf.lock, else the backend's store when it can lock, else in-process."""
+    if url is None:
+        url = cnf.lock
+    if not url:
+        backend_scheme = scheme_of(cnf.result_backend, "backend") if cnf.result_backend else ""
+        url = cnf.result_backend if backend_scheme in ("sqlite", "redis", "rediss") else "eager"
+    lock: Lock = driver_class(url, "lock")(cnf, url)
+    return lock
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    creds, _, host = rest.partition("@")
+    return f"{scheme}://***@{host}"

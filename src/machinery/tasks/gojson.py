@@ -1,0 +1,169 @@
+"""Byte-exact Go encoding/json output: floats, HTML-safe strings and RFC 3339 times.
+
+msgspec does the encoding; this module supplies the pieces where Go's encoder differs from
+it (float notation, `<>&` and U+2028/9 escaping, `\\b`/`\\f` as `\\u00XX`, nanosecond times).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from machinery.errors import ArgTypeError, DecodeError
+
+_ENCODER = msgspec.json.Encoder()
+_HTML = ((b"<", b"\\u003c"), (b">", b"\\u003e"), (b"&", b"\\u0026"),
+         ("\u2028".encode(), b"\\u2028"), ("\u2029".encode(), b"\\u2029"))
+_SHORT_ESCAPE = re.compile(rb"\\[\\bf]")
+_SHORT_MAP = {b"\\\\": b"\\\\", b"\\b": b"\\u0008", b"\\f": b"\\u000c"}
+
+
+def encode(obj: Any) -> bytes:
+    """Encode plain data (dicts keep their order) the way Go's json.Marshal would."""
+    return go_escape(_ENCODER.encode(obj))
+
+
+def go_escape(data: bytes) -> bytes:
+    """Rewrite msgspec output to Go's escaping. `<>&` never occur outside strings in JSON."""
+    for raw, esc in _HTML:
+        if raw in data:
+            data = data.replace(raw, esc)
+    if b"\\b" in data or b"\\f" in data:
+        data = _SHORT_ESCAPE.sub(lambda m: _SHORT_MAP[m.group(0)], data)
+    return data
+
+
+def go_float(value: float, bits: int = 64) -> str:
+    """Format a float as Go's encoding/json does for float64 (bits=64) or float32."""
+    if math.isnan(value) or math.isinf(value):
+        raise ArgTypeError(f"unsupported float value {value!r}: JSON has no NaN or Infinity")
+    if bits == 32:
+        value = _round32(value)
+        text = _shortest32(value)
+    else:
+        text = repr(value)
+    magnitude = abs(value)
+    use_exp = magnitude != 0 and (magnitude < 1e-6 or magnitude >= 1e21)
+    if use_exp:
+        mant, _, exp = format(Decimal(text), "e").partition("e")
+        if "." in mant:
+            mant = mant.rstrip("0").rstrip(".")
+        sign = exp[0] if exp[0] in "+-" else "+"
+        digits = exp.lstrip("+-").lstrip("0") or "0"
+        return f"{mant}e{sign}{digits}"
+    if "e" in text or "E" in text:
+        text = format(Decimal(text), "f")
+    if text.endswith(".0"):
+        text = text[:-2]
+    if text == "-0":
+        return "-0"
+    return text
+
+
+def _round32(value: float) -> float:
+    try:
+        result: float = struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError as exc:
+        raise ArgTypeError(f"{value!r} is out of range for float32") from exc
+    return result
+
+
+def _shortest32(value: float) -> str:
+    for precision in range(1, 10):
+        text = f"{value:.{precision}g}"
+        if _round32(float(text)) == value:
+            return repr(float(text)) if "e" not in text else text
+    return repr(value)
+
+
+def float_raw(value: float, bits: int = 64) -> msgspec.Raw:
+    """A pre-encoded JSON number that msgspec embeds verbatim."""
+    return msgspec.Raw(go_float(value, bits).encode())
+
+
+# --- times -----------------------------------------------------------------------------
+
+ZERO_TIME = "0001-01-01T00:00:00Z"
+_TIME_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))$"
+)
+
+
+class Timestamp(datetime):
+    """A datetime that remembers nanoseconds beyond the microsecond, so Go times round-trip."""
+
+    nanosecond: int = 0
+
+    @classmethod
+    def with_nanos(cls, dt: datetime, extra_ns: int) -> Timestamp:
+        ts = cls(dt.year, dt.month, dt.day, dt.hour, dt.minute, dt.second, dt.microsecond, dt.tzinfo)
+        ts.nanosecond = extra_ns
+        return ts
+
+
+def format_time(dt: datetime | None) -> str:
+    """RFC 3339 with nanoseconds, trailing zeros trimmed, `Z` for UTC (Go's RFC3339Nano)."""
+    if dt is None:
+        return ZERO_TIME
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    frac_ns = dt.microsecond * 1000 + int(getattr(dt, "nanosecond", 0) or 0)
+    base = f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}"
+    if frac_ns:
+        base += "." + f"{frac_ns:09d}".rstrip("0")
+    offset = dt.utcoffset() or timedelta(0)
+    if offset == timedelta(0) and (dt.tzinfo is UTC or dt.tzinfo == timezone.utc or _is_utc(dt)):
+        return base + "Z"
+    total = int(offset.total_seconds())
+    sign = "-" if total < 0 else "+"
+    total = abs(total)
+    return f"{base}{sign}{total // 3600:02d}:{(total % 3600) // 60:02d}"
+
+
+def _is_utc(dt: datetime) -> bool:
+    name = dt.tzname()
+    return name in ("UTC", "Z", "GMT", None) or dt.utcoffset() == timedelta(0)
+
+
+def parse_time(text: str) -> Timestamp | None:
+    """Parse Go's RFC 3339 output; the zero time gives None."""
+    m = _TIME_RE.match(text)
+    if m is None:
+        raise DecodeError(f"invalid RFC 3339 time {text!r}")
+    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
+    if year == 1 and month == 1 and day == 1 and hour == 0 and minute == 0 and second == 0 and not m.group(7):
+        return None
+    frac = (m.group(7) or "").ljust(9, "0")
+    ns = int(frac)
+    if m.group(8):
+        tz: timezone = UTC
+    else:
+        delta = timedelta(hours=int(m.group(10)), minutes=int(m.group(11)))
+        tz = timezone(-delta if m.group(9) == "-" else delta)
+    try:
+        dt = Timestamp(year, month, day, hour, minute, second, ns // 1000, tz)
+    except ValueError as exc:
+        raise DecodeError(f"invalid RFC 3339 time {text!r}: {exc}") from exc
+    dt.nanosecond = ns % 1000
+    return dt
+
+
+def time_ns(dt: datetime) -> int:
+    """Unix time in nanoseconds, as Go's UnixNano (naive datetimes are taken as UTC)."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    whole = int(dt.replace(microsecond=0).timestamp())
+    return whole * 1_000_000_000 + dt.microsecond * 1000 + int(getattr(dt, "nanosecond", 0) or 0)
+
+
+def from_ns(ns: int) -> Timestamp:
+    """The UTC Timestamp for a Unix time in nanoseconds."""
+    seconds, rest = divmod(ns, 1_000_000_000)
+    dt = datetime.fromtimestamp(seconds, UTC).replace(microsecond=rest // 1000)
+    return Timestamp.with_nanos(dt, rest % 1000)
