@@ -56,6 +56,8 @@ def _allowed_types(hint: Any) -> list[type] | None:
     import types
     import typing
 
+    if hint is Any:
+        return None
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
         out: list[type] = []

@@ -54,7 +54,11 @@ class Backend(ABC):
 
     @abstractmethod
     async def init_group(self, group_uuid: str, task_uuids: Sequence[str]) -> None:
-        """Record a group's members before any of them runs."""
+        """Record a group's members before any of them runs.
+
+        Calling it again for a group that already exists must keep its progress (a redelivered
+        parent task may send the same group twice).
+        """
 
     @abstractmethod
     async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:

@@ -11,6 +11,7 @@ import re
 import struct
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import msgspec
@@ -40,33 +41,33 @@ def go_escape(data: bytes) -> bytes:
 
 
 def go_float(value: float, bits: int = 64) -> str:
-    """Format a float as Go's encoding/json does for float64 (bits=64) or float32."""
+    """Format a float as Go's encoding/json does for float64 (bits=64) or float32.
+
+    Go writes the shortest decimal that reads back as the same float64 (or float32), in plain
+    notation unless the magnitude is below 1e-6 or at least 1e21, where it uses `1e+21` / `1e-7`.
+    """
     if math.isnan(value) or math.isinf(value):
         raise ArgTypeError(f"unsupported float value {value!r}: JSON has no NaN or Infinity")
+    if value == 0:
+        return "-0" if math.copysign(1.0, value) < 0 else "0"
     if bits == 32:
         value = _round32(value)
-        text = _shortest32(value)
+        digits = _shortest32(value)
+        magnitude = abs(value)
+        use_exp = magnitude < _F32_1E_6 or magnitude >= _F32_1E21
     else:
-        text = repr(value)
-    magnitude = abs(value)
-    use_exp = magnitude != 0 and (magnitude < 1e-6 or magnitude >= 1e21)
+        digits = Decimal(repr(value)).normalize()
+        magnitude = abs(value)
+        use_exp = magnitude < 1e-6 or magnitude >= 1e21
     if use_exp:
-        mant, _, exp = format(Decimal(text), "e").partition("e")
-        if "." in mant:
-            mant = mant.rstrip("0").rstrip(".")
-        sign = exp[0] if exp[0] in "+-" else "+"
-        digits = exp.lstrip("+-").lstrip("0") or "0"
-        return f"{mant}e{sign}{digits}"
-    if "e" in text or "E" in text:
-        text = format(Decimal(text), "f")
-    if text.endswith(".0"):
-        text = text[:-2]
-    if text == "-0":
-        return "-0"
-    return text
+        mant, _, exp = format(digits, "e").partition("e")
+        sign = "-" if exp.startswith("-") else "+"
+        return f"{mant}e{sign}{exp.lstrip('+-').lstrip('0') or '0'}"
+    return format(digits, "f")
 
 
 def _round32(value: float) -> float:
+    """The float32 nearest to value (as a Python float); overflow is an ArgTypeError."""
     try:
         result: float = struct.unpack("<f", struct.pack("<f", value))[0]
     except OverflowError as exc:
@@ -74,12 +75,45 @@ def _round32(value: float) -> float:
     return result
 
 
-def _shortest32(value: float) -> str:
+_F32_1E_6 = _round32(1e-6)
+_F32_1E21 = _round32(1e21)
+_F32_MAX_BITS = 0x7F7FFFFF
+
+
+def _f32_bits_value(bits: int) -> Fraction:
+    return Fraction(struct.unpack("<f", struct.pack("<I", bits))[0])
+
+
+def _shortest32(value: float) -> Decimal:
+    """The shortest decimal that reads back as this float32, the closest one if several (Go's 'g' -1)."""
+    negative = value < 0
+    v = abs(value)
+    exact = Fraction(v)
+    bits: int = struct.unpack("<I", struct.pack("<f", v))[0]
+    below = _f32_bits_value(bits - 1) if bits > 0 else -exact
+    above = (
+        _f32_bits_value(bits + 1) if bits < _F32_MAX_BITS
+        else exact + (exact - _f32_bits_value(bits - 1))  # one ulp above FLT_MAX
+    )
+    low, high = (below + exact) / 2, (exact + above) / 2
+    inclusive = bits % 2 == 0  # round-half-even reads a midpoint back as the even mantissa
+    top = Decimal(v).adjusted()  # exponent of the leading digit
     for precision in range(1, 10):
-        text = f"{value:.{precision}g}"
-        if _round32(float(text)) == value:
-            return repr(float(text)) if "e" not in text else text
-    return repr(value)
+        scale = Fraction(10) ** (top - precision + 1)
+        lo_d = math.ceil(low / scale)
+        hi_d = math.floor(high / scale)
+        if not inclusive:
+            if lo_d * scale == low:
+                lo_d += 1
+            if hi_d * scale == high:
+                hi_d -= 1
+        if lo_d > hi_d:
+            continue
+        nearest = round(exact / scale)
+        d = min(max(nearest, lo_d), hi_d)
+        result = Decimal(d).scaleb(top - precision + 1)
+        return (-result if negative else result).normalize()
+    return Decimal(repr(value)).normalize()
 
 
 def float_raw(value: float, bits: int = 64) -> msgspec.Raw:
@@ -118,7 +152,7 @@ def format_time(dt: datetime | None) -> str:
     if frac_ns:
         base += "." + f"{frac_ns:09d}".rstrip("0")
     offset = dt.utcoffset() or timedelta(0)
-    if offset == timedelta(0) and (dt.tzinfo is UTC or dt.tzinfo == timezone.utc or _is_utc(dt)):
+    if offset == timedelta(0) and (dt.tzinfo is UTC or _is_utc(dt)):
         return base + "Z"
     total = int(offset.total_seconds())
     sign = "-" if total < 0 else "+"

@@ -1,0 +1,1 @@
+"""Orchestrator of the machinery benchmark harness (run with benchmarks/run.py)."""

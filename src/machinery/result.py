@@ -1,0 +1,155 @@
+"""Handles on sent tasks and workflows: wait for results with timeouts that always hold."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from machinery.errors import TaskError, TimeoutError
+from machinery.tasks.state import FAILURE, TaskState
+
+if TYPE_CHECKING:
+    from machinery.backends.base import Backend
+    from machinery.portal import Portal
+    from machinery.tasks.signature import Signature
+
+
+def _unpack(state: TaskState) -> Any:
+    if state.state == FAILURE:
+        raise TaskError(state.error, state.task_uuid, state.task_name)
+    values = state.values()
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return tuple(values)
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+class AsyncResult:
+    """The result of one sent task."""
+
+    def __init__(self, signature: Signature, backend: Backend, portal: Portal) -> None:
+        self.signature = signature
+        self._backend = backend
+        self._portal = portal
+        self._state: TaskState | None = None
+
+    @property
+    def task_uuid(self) -> str:
+        return self.signature.uuid
+
+    async def aget_state(self) -> TaskState | None:
+        """The stored state now (None if nothing is stored)."""
+        state = await self._backend.get_state(self.signature.uuid)
+        if state is not None:
+            self._state = state
+        return state
+
+    def get_state(self) -> TaskState | None:
+        result: TaskState | None = self._portal.run(self.aget_state())
+        return result
+
+    async def await_state(self, timeout: float | None = None) -> TaskState:
+        """Wait for SUCCESS or FAILURE; TimeoutError when `timeout` seconds pass first."""
+        if self._state is not None and self._state.is_completed():
+            return self._state
+        state = await self._backend.wait_completed(self.signature.uuid, timeout)
+        if state is None:
+            raise TimeoutError(
+                f"no result for task {self.signature.name} ({self.signature.uuid}) within {timeout} s"
+            )
+        self._state = state
+        return state
+
+    async def aget(self, timeout: float | None = None) -> Any:
+        """The task's value (one result), a tuple (several) or None; TaskError if it failed."""
+        return _unpack(await self.await_state(timeout))
+
+    def get(self, timeout: float | None = None) -> Any:
+        return self._portal.run(self.aget(timeout))
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult {self.signature.name} {self.signature.uuid}>"
+
+
+class GroupAsyncResult:
+    """Results of a group's members, in group order."""
+
+    def __init__(self, results: list[AsyncResult], portal: Portal) -> None:
+        self.results = results
+        self._portal = portal
+
+    async def aget(self, timeout: float | None = None) -> list[Any]:
+        deadline = _deadline(timeout)
+        out = []
+        for r in self.results:
+            out.append(await r.aget(_left(deadline)))
+        return out
+
+    def get(self, timeout: float | None = None) -> list[Any]:
+        result: list[Any] = self._portal.run(self.aget(timeout))
+        return result
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, i: int) -> AsyncResult:
+        return self.results[i]
+
+
+class ChainAsyncResult:
+    """A chain's steps; get() returns the last step's value or raises the first failure."""
+
+    def __init__(self, steps: list[AsyncResult | GroupAsyncResult], portal: Portal) -> None:
+        self.steps = steps
+        self._portal = portal
+
+    @property
+    def async_results(self) -> list[AsyncResult]:
+        out: list[AsyncResult] = []
+        for s in self.steps:
+            out.extend(s.results if isinstance(s, GroupAsyncResult) else [s])
+        return out
+
+    async def aget(self, timeout: float | None = None) -> Any:
+        deadline = _deadline(timeout)
+        value: Any = None
+        for step in self.steps:
+            value = await step.aget(_left(deadline))
+        return value
+
+    def get(self, timeout: float | None = None) -> Any:
+        return self._portal.run(self.aget(timeout))
+
+
+class ChordAsyncResult:
+    """A chord: its members and its callback; get() returns the callback's value."""
+
+    def __init__(self, group_results: list[AsyncResult], callback: AsyncResult, portal: Portal) -> None:
+        self.group_async_results = group_results
+        self.chord_async_result = callback
+        self._portal = portal
+
+    async def aget(self, timeout: float | None = None) -> Any:
+        """The callback's value; TaskError naming the failed member if one failed."""
+        return await self.chord_async_result.aget(timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        return self._portal.run(self.aget(timeout))
+
+    async def aget_state(self) -> TaskState | None:
+        return await self.chord_async_result.aget_state()
+
+    def get_state(self) -> TaskState | None:
+        return self.chord_async_result.get_state()

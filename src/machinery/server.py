@@ -1,0 +1,313 @@
+"""Server: the task registry plus the sending side (tasks, groups, chords, chains, periodic)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid as _uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, overload
+
+from machinery import registry
+from machinery.config import Config
+from machinery.errors import MachineryError, TaskNotRegisteredError
+from machinery.portal import Portal
+from machinery.result import AsyncResult, ChainAsyncResult, ChordAsyncResult, GroupAsyncResult
+from machinery.task import Task, TaskSpec
+from machinery.tasks import gojson
+from machinery.tasks.signature import Signature, encode_signature
+from machinery.tasks.state import PENDING, TaskState
+from machinery.tasks.workflow import Chain, Chord, Group
+
+if TYPE_CHECKING:
+    from machinery.backends.base import Backend
+    from machinery.brokers.base import Broker
+    from machinery.locks.base import Lock
+    from machinery.periodic import PeriodicScheduler
+    from machinery.worker import Worker
+
+
+class Server:
+    """Holds the config, the broker, the backend and the registered tasks."""
+
+    def __init__(
+        self,
+        cnf: Config | None = None,
+        *,
+        broker: Broker | None = None,
+        backend: Backend | None = None,
+        lock: Lock | None = None,
+    ) -> None:
+        self.cnf = cnf if cnf is not None else Config()
+        if not isinstance(self.cnf, Config):
+            raise MachineryError(f"Server needs a machinery.Config, got {type(self.cnf).__name__}")
+        self.portal = Portal()
+        self._broker = broker if broker is not None else registry.make_broker(self.cnf)
+        self._backend = backend if backend is not None else registry.make_backend(self.cnf)
+        self._lock = lock
+        self._broker.attach(self.portal)
+        self._backend.attach(self.portal)
+        self._tasks: dict[str, TaskSpec] = {}
+        self._scheduler: PeriodicScheduler | None = None
+
+    # --- registry --------------------------------------------------------------------------
+
+    def register_task(self, name: str, fn: Callable[..., Any], **options: Any) -> None:
+        """Register `fn` under `name`; options (retry_count, ...) become signature defaults."""
+        if not name:
+            raise MachineryError("task name must not be empty")
+        self._tasks[name] = TaskSpec.build(name, fn, **options)
+
+    def register_tasks(self, tasks: Mapping[str, Callable[..., Any]]) -> None:
+        for name, fn in tasks.items():
+            self.register_task(name, fn)
+
+    @overload
+    def task(self, fn: Callable[..., Any], /) -> Task[Any, Any]: ...
+    @overload
+    def task(self, *, name: str | None = None, **options: Any) -> Callable[[Callable[..., Any]], Task[Any, Any]]: ...
+
+    def task(
+        self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None, **options: Any
+    ) -> Task[Any, Any] | Callable[[Callable[..., Any]], Task[Any, Any]]:
+        """Decorator: register a function under its name (or `name=`), keeping it callable."""
+
+        def wrap(f: Callable[..., Any]) -> Task[Any, Any]:
+            task_name = name or getattr(f, "__name__", "")
+            self.register_task(task_name, f, **options)
+            return Task(self, self._tasks[task_name])
+
+        return wrap(fn) if fn is not None else wrap
+
+    def is_task_registered(self, name: str) -> bool:
+        return name in self._tasks
+
+    def find_task(self, name: str) -> TaskSpec | None:
+        return self._tasks.get(name)
+
+    def get_registered_task(self, name: str) -> TaskSpec:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise TaskNotRegisteredError(f"task {name!r} is not registered") from None
+
+    @property
+    def registered_tasks(self) -> dict[str, TaskSpec]:
+        return dict(self._tasks)
+
+    # --- accessors -------------------------------------------------------------------------
+
+    def get_broker(self) -> Broker:
+        return self._broker
+
+    def get_backend(self) -> Backend:
+        return self._backend
+
+    def get_lock(self) -> Lock:
+        if self._lock is None:
+            self._lock = registry.make_lock(self.cnf)
+        return self._lock
+
+    def get_config(self) -> Config:
+        return self.cnf
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def _prepare(self, sig: Signature) -> None:
+        if not isinstance(sig, Signature):
+            raise MachineryError(f"expected a Signature, got {type(sig).__name__}")
+        if not sig.uuid:
+            sig.uuid = f"task_{_uuid.uuid4()}"
+        if not sig.routing_key:
+            sig.routing_key = self.cnf.default_queue
+        if sig.headers is None:
+            sig.headers = {}
+
+    async def dispatch(self, sigs: Sequence[Signature], *, init_groups: bool = False) -> None:
+        """Store PENDING for every signature, then publish them all (batched).
+
+        With init_groups, the members of each group among `sigs` are recorded first: a chain step
+        that is a group arrives here from the worker, where nobody called send_group.
+        """
+        if not sigs:
+            return
+        now = datetime.now(UTC)
+        items: list[tuple[Signature, bytes, int | None]] = []
+        states: list[TaskState] = []
+        groups: dict[str, list[str]] = {}
+        for sig in sigs:
+            self._prepare(sig)
+            body = encode_signature(sig)
+            eta_ns = gojson.time_ns(sig.eta) if sig.eta is not None else None
+            items.append((sig, body, eta_ns))
+            states.append(TaskState(sig.uuid, PENDING, task_name=sig.name, created_at=now))
+            if init_groups and sig.group_uuid:
+                groups.setdefault(sig.group_uuid, []).append(sig.uuid)
+        for group_uuid, members in groups.items():
+            await self._backend.init_group(group_uuid, members)
+        await self._backend.set_states(states)
+        await self._broker.publish_many(items)
+
+    async def asend_task(self, sig: Signature) -> AsyncResult:
+        """Send one task; it runs now, or at `sig.eta`."""
+        await self.dispatch([sig])
+        return AsyncResult(sig, self._backend, self.portal)
+
+    def send_task(self, sig: Signature) -> AsyncResult:
+        result: AsyncResult = self.portal.run(self.asend_task(sig))
+        return result
+
+    async def asend_tasks(self, sigs: Iterable[Signature]) -> list[AsyncResult]:
+        """Send many independent tasks in one batch (one round trip per store where the driver can)."""
+        batch = list(sigs)
+        await self.dispatch(batch)
+        return [AsyncResult(s, self._backend, self.portal) for s in batch]
+
+    def send_tasks(self, sigs: Iterable[Signature]) -> list[AsyncResult]:
+        result: list[AsyncResult] = self.portal.run(self.asend_tasks(list(sigs)))
+        return result
+
+    async def asend_group(self, group: Group, send_concurrency: int = 0) -> list[AsyncResult]:
+        """Record the group, then publish its members; send_concurrency > 0 publishes in chunks of that size."""
+        if not isinstance(group, Group):
+            raise MachineryError(f"send_group needs a Group, got {type(group).__name__}")
+        sigs = group.signatures
+        for sig in sigs:
+            self._prepare(sig)
+        await self._backend.init_group(group.group_uuid, group.task_uuids())
+        if send_concurrency > 0:
+            chunks = [sigs[i:i + send_concurrency] for i in range(0, len(sigs), send_concurrency)]
+            for chunk in chunks:
+                await self.dispatch(chunk)
+        else:
+            await self.dispatch(sigs)
+        return [AsyncResult(s, self._backend, self.portal) for s in sigs]
+
+    def send_group(self, group: Group, send_concurrency: int = 0) -> list[AsyncResult]:
+        result: list[AsyncResult] = self.portal.run(self.asend_group(group, send_concurrency))
+        return result
+
+    async def asend_chord(self, chord: Chord, send_concurrency: int = 0) -> ChordAsyncResult:
+        """Send the chord's group; the callback is sent by the worker that completes the group."""
+        if not isinstance(chord, Chord):
+            raise MachineryError(f"send_chord needs a Chord, got {type(chord).__name__}")
+        self._prepare(chord.callback)
+        results = await self.asend_group(chord.group, send_concurrency)
+        return ChordAsyncResult(results, AsyncResult(chord.callback, self._backend, self.portal), self.portal)
+
+    def send_chord(self, chord: Chord, send_concurrency: int = 0) -> ChordAsyncResult:
+        result: ChordAsyncResult = self.portal.run(self.asend_chord(chord, send_concurrency))
+        return result
+
+    async def asend_chain(self, chain: Chain) -> ChainAsyncResult:
+        """Send the chain's first step; each later step is sent by the worker that finishes the one before."""
+        if not isinstance(chain, Chain):
+            raise MachineryError(f"send_chain needs a Chain, got {type(chain).__name__}")
+        steps: list[AsyncResult | GroupAsyncResult] = []
+        for step in chain.steps:
+            if isinstance(step, Signature):
+                self._prepare(step)
+                steps.append(AsyncResult(step, self._backend, self.portal))
+            elif isinstance(step, Chord):
+                self._prepare(step.callback)
+                steps.append(AsyncResult(step.callback, self._backend, self.portal))
+            else:
+                steps.append(GroupAsyncResult(
+                    [AsyncResult(s, self._backend, self.portal) for s in step.signatures], self.portal))
+        first = chain.first()
+        if isinstance(first, Signature):
+            await self.dispatch([first])
+        elif isinstance(first, Chord):
+            await self.asend_chord(first)
+        else:
+            await self.asend_group(first)
+        return ChainAsyncResult(steps, self.portal)
+
+    def send_chain(self, chain: Chain) -> ChainAsyncResult:
+        result: ChainAsyncResult = self.portal.run(self.asend_chain(chain))
+        return result
+
+    # --- workers ---------------------------------------------------------------------------
+
+    def new_worker(self, tag: str = "", concurrency: int = 10, queue: str | None = None) -> Worker:
+        """A worker consuming `queue` (default queue when None); concurrency 0 = no limit, 1 = serial."""
+        from machinery.worker import Worker
+
+        return Worker(self, tag or f"worker_{_uuid.uuid4().hex[:8]}", concurrency, queue)
+
+    def new_custom_queue_worker(self, tag: str, concurrency: int, queue: str) -> Worker:
+        return self.new_worker(tag, concurrency, queue)
+
+    # --- periodic --------------------------------------------------------------------------
+
+    def _periodic(self) -> PeriodicScheduler:
+        if self._scheduler is None:
+            from machinery.periodic import PeriodicScheduler
+
+            self._scheduler = PeriodicScheduler(self.get_lock())
+        return self._scheduler
+
+    def _start_periodic(self) -> None:
+        scheduler = self._periodic()
+        scheduler.start(self.portal)
+
+    def register_periodic_task(self, spec: str, name: str, signature: Signature) -> None:
+        """Send a fresh copy of `signature` on every tick of the cron `spec`, once across processes."""
+        template = signature.copy()
+
+        async def fire() -> None:
+            sig = template.copy()
+            sig.uuid = ""
+            await self.asend_task(sig)
+
+        self._periodic().add(spec, name, fire)
+        self._start_periodic()
+
+    def register_periodic_group(self, spec: str, name: str, group: Group, send_concurrency: int = 0) -> None:
+        template = group.copy()
+
+        async def fire() -> None:
+            await self.asend_group(template.copy(), send_concurrency)
+
+        self._periodic().add(spec, name, fire)
+        self._start_periodic()
+
+    def register_periodic_chain(self, spec: str, name: str, chain: Chain) -> None:
+        template = chain.copy()
+
+        async def fire() -> None:
+            await self.asend_chain(template.copy())
+
+        self._periodic().add(spec, name, fire)
+        self._start_periodic()
+
+    def register_periodic_chord(self, spec: str, name: str, chord: Chord, send_concurrency: int = 0) -> None:
+        template = chord.copy()
+
+        async def fire() -> None:
+            await self.asend_chord(template.copy(), send_concurrency)
+
+        self._periodic().add(spec, name, fire)
+        self._start_periodic()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.stop()
+        await asyncio.gather(self._broker.close(), self._backend.close(), return_exceptions=True)
+
+    def close(self) -> None:
+        """Stop background schedules and release connections."""
+        if self._scheduler is not None:
+            self._scheduler.stop()
+        try:
+            self.portal.run(self.aclose(), timeout=10)
+        finally:
+            self.portal.close()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,461 @@
+"""Worker: fetches batches from the broker, runs tasks, stores states, then acks.
+
+One event loop per process does all broker and backend I/O; `async def` tasks run on it and
+plain functions on a thread pool sized by `concurrency`. Fetches never exceed the free slots, so
+a worker holds no more messages than it can run, and nothing is acked before its final state
+(or its retry) is stored: a worker that dies loses no task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from machinery.committer import Committer
+from machinery.context import TaskContext
+from machinery.errors import ArgTypeError, DecodeError, MachineryError, RetryTaskLater
+from machinery.log import get_logger
+from machinery.retry import fibonacci_next
+from machinery.tasks import gojson
+from machinery.tasks.gotypes import to_wire
+from machinery.tasks.signature import Arg, Signature, decode_signature, encode_signature
+from machinery.tasks.state import FAILURE, RECEIVED, RETRY, STARTED, SUCCESS, TaskResult, TaskState
+
+if TYPE_CHECKING:
+    from machinery.brokers.base import Delivery
+    from machinery.server import Server
+    from machinery.task import TaskSpec
+
+MAX_FETCH_BATCH = 256
+UNLIMITED_THREADS = 64
+UNKNOWN_TASK_DELAY = 1.0
+
+
+class Worker:
+    """Consumes one queue; create it with `server.new_worker(tag, concurrency, queue)`."""
+
+    def __init__(self, server: Server, tag: str, concurrency: int = 10, queue: str | None = None) -> None:
+        if not isinstance(concurrency, int) or concurrency < 0:
+            raise MachineryError(f"worker concurrency must be an int >= 0 (0 = no limit), got {concurrency!r}")
+        self.server = server
+        self.tag = tag
+        self.concurrency = concurrency
+        self.queue = queue or server.cnf.default_queue
+        self._error_handler: Callable[[BaseException], Any] | None = None
+        self._pre_task: Callable[[Signature], Any] | None = None
+        self._post_task: Callable[[Signature], Any] | None = None
+        self._pre_consume: Callable[[Worker], Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._abort: asyncio.Event | None = None
+        self._running = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._signals = 0
+        self._active: dict[asyncio.Task[None], Delivery] = {}
+        self._slot_freed: asyncio.Event | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._committer: Committer | None = None
+        self._last_unknown_log = 0.0
+        self.processed = 0
+
+    # --- handlers (Go's API) ---------------------------------------------------------------
+
+    def set_error_handler(self, fn: Callable[[BaseException], Any]) -> None:
+        """Called with the exception of each final task failure and each consumer error."""
+        self._error_handler = fn
+
+    def set_pre_task_handler(self, fn: Callable[[Signature], Any]) -> None:
+        self._pre_task = fn
+
+    def set_post_task_handler(self, fn: Callable[[Signature], Any]) -> None:
+        self._post_task = fn
+
+    def set_pre_consume_handler(self, fn: Callable[[Worker], Any]) -> None:
+        """Asked before each fetch; returning False pauses consumption briefly (no busy spin)."""
+        self._pre_consume = fn
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def launch(self) -> None:
+        """Run until stopped; SIGINT/SIGTERM once stops gracefully, twice abruptly."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise MachineryError("Worker.launch() blocks; inside an event loop use `await worker.alaunch()`")
+        install = threading.current_thread() is threading.main_thread() and not self.server.cnf.no_unix_signals
+        asyncio.run(self.alaunch(_signals=install))
+
+    def launch_async(self) -> concurrent.futures.Future[None]:
+        """Run in a background thread; the future completes when the worker stops."""
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                asyncio.run(self.alaunch())
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+        self._stopped.clear()
+        threading.Thread(target=run, name=f"machinery-worker-{self.tag}", daemon=True).start()
+        self._running.wait(10)
+        return future
+
+    def quit(self, timeout: float | None = 30.0) -> None:
+        """Stop gracefully: finish running tasks, store their states, ack; then return."""
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:
+                pass
+        try:
+            in_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            in_loop = False
+        if not in_loop:
+            self._stopped.wait(timeout)
+
+    async def aquit(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        while not self._stopped.is_set():
+            await asyncio.sleep(0.01)
+
+    def abort(self) -> None:
+        """Stop at once: running tasks are cancelled and their messages given back to the broker."""
+        loop, abort = self._loop, self._abort
+        if loop is not None and abort is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(abort.set)
+
+    @property
+    def is_running(self) -> bool:
+        return self._running.is_set() and not self._stopped.is_set()
+
+    async def alaunch(self, _signals: bool = False) -> None:
+        """Run the worker on the current event loop until quit() or a signal."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stop = asyncio.Event()
+        self._abort = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._signals = 0
+        self._stopped.clear()
+        threads = self.concurrency or UNLIMITED_THREADS
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"machinery-{self.tag}")
+        broker, backend = self.server.get_broker(), self.server.get_backend()
+        self._committer = Committer(backend, broker)
+        if _signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._on_signal)
+        log = get_logger()
+        log.info("worker %s consuming %s (concurrency %s)", self.tag, self.queue, self.concurrency or "unlimited")
+        committer_task = loop.create_task(self._committer.run(), name="machinery-committer")
+        renew_task = loop.create_task(self._renew_loop(), name="machinery-renew")
+        consume_task = loop.create_task(self._consume_loop(), name="machinery-consume")
+        self._running.set()
+        try:
+            stop_wait = loop.create_task(self._stop.wait())
+            abort_wait = loop.create_task(self._abort.wait())
+            await asyncio.wait([stop_wait, abort_wait, consume_task], return_when=asyncio.FIRST_COMPLETED)
+            self._stop.set()
+            if not consume_task.done():
+                await asyncio.wait([consume_task, abort_wait], return_when=asyncio.FIRST_COMPLETED)
+            if not self._abort.is_set() and self._active:
+                log.info("worker %s: waiting for %d running tasks", self.tag, len(self._active))
+                await asyncio.wait([abort_wait, *self._active], return_when=asyncio.FIRST_COMPLETED)
+                while self._active and not self._abort.is_set():
+                    await asyncio.wait([abort_wait, *self._active], return_when=asyncio.FIRST_COMPLETED)
+            if self._abort.is_set():
+                await self._abort_running()
+            else:
+                await asyncio.wait_for(self._committer.drain(), 30)
+            for t in (stop_wait, abort_wait, consume_task):
+                t.cancel()
+        finally:
+            committer_task.cancel()
+            renew_task.cancel()
+            if _signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            await asyncio.gather(broker.close(), backend.close(), return_exceptions=True)
+            log.info("worker %s stopped", self.tag)
+            self._stopped.set()
+            self._running.clear()
+
+    def _on_signal(self) -> None:
+        self._signals += 1
+        log = get_logger()
+        if self._signals == 1:
+            log.info("worker %s: stopping gracefully (signal again to stop at once)", self.tag)
+            assert self._stop is not None
+            self._stop.set()
+        else:
+            log.warning("worker %s: stopping abruptly", self.tag)
+            assert self._abort is not None
+            self._abort.set()
+
+    async def _abort_running(self) -> None:
+        deliveries = list(self._active.values())
+        for task in list(self._active):
+            task.cancel()
+        if deliveries:
+            try:
+                await asyncio.wait_for(self.server.get_broker().requeue(deliveries), 5)
+            except Exception as exc:  # the lease or connection loss returns them anyway
+                get_logger().warning("could not give %d messages back: %s", len(deliveries), exc)
+
+    # --- consuming -------------------------------------------------------------------------
+
+    async def _consume_loop(self) -> None:
+        assert self._stop is not None and self._slot_freed is not None
+        broker = self.server.get_broker()
+        limit = self.concurrency or MAX_FETCH_BATCH * 4
+        backoff = 0
+        while not self._stop.is_set():
+            if self._pre_consume is not None and not await _maybe_await(self._pre_consume(self)):
+                await _sleep_or(self._stop, 0.1)
+                continue
+            free = limit - len(self._active)
+            if free <= 0:
+                self._slot_freed.clear()
+                await _first(self._slot_freed.wait(), self._stop.wait())
+                continue
+            try:
+                deliveries = await broker.fetch(self.queue, min(free, MAX_FETCH_BATCH), 1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                backoff = fibonacci_next(backoff)
+                get_logger().error("fetching from %s failed, retrying in %d s: %s", self.queue, backoff, exc)
+                await self._report(exc)
+                await _sleep_or(self._stop, backoff)
+                continue
+            backoff = 0
+            for d in deliveries:
+                task = asyncio.get_running_loop().create_task(self._handle(d))
+                self._active[task] = d
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._active.pop(task, None)
+        assert self._slot_freed is not None
+        self._slot_freed.set()
+        self.processed += 1
+        if not task.cancelled() and task.exception() is not None:
+            get_logger().error("internal error handling a message: %r", task.exception())
+
+    async def _renew_loop(self) -> None:
+        broker = self.server.get_broker()
+        lease = broker.lease_seconds
+        if not lease:
+            return
+        interval = max(0.05, lease / 3)
+        while True:
+            await asyncio.sleep(interval)
+            active = list(self._active.values())
+            if active:
+                try:
+                    await broker.renew(active)
+                except Exception as exc:
+                    get_logger().error("renewing %d leases failed: %s", len(active), exc)
+
+    # --- one message -----------------------------------------------------------------------
+
+    async def _handle(self, d: Delivery) -> None:
+        broker = self.server.get_broker()
+        try:
+            sig = decode_signature(d.body)
+        except DecodeError as exc:
+            get_logger().error("dead-lettering an undecodable message from %s: %s", d.queue, exc)
+            await broker.dead_letter(d, str(exc))
+            await self._report(exc)
+            return
+        spec = self.server.find_task(sig.name)
+        if spec is None:
+            await self._unknown(d, sig)
+            return
+        await self._run(d, sig, spec)
+
+    async def _unknown(self, d: Delivery, sig: Signature) -> None:
+        broker = self.server.get_broker()
+        if sig.ignore_when_task_not_registered:
+            get_logger().warning("dropping task %s (%s): not registered here", sig.name, sig.uuid)
+            assert self._committer is not None
+            self._committer.ack(d)
+            return
+        now = time.monotonic()
+        if now - self._last_unknown_log > 5:
+            self._last_unknown_log = now
+            get_logger().warning("task %s is not registered on worker %s; giving it back for another worker",
+                                 sig.name, self.tag)
+        await broker.requeue([d], UNKNOWN_TASK_DELAY)
+
+    async def _run(self, d: Delivery, sig: Signature, spec: TaskSpec) -> None:
+        committer = self._committer
+        assert committer is not None
+        committer.put_state(TaskState(sig.uuid, RECEIVED, task_name=sig.name))
+        try:
+            args = sig.python_args()
+        except ArgTypeError as exc:
+            await self._fail(d, sig, f"Reflect task args error: {exc}", exc, retry=False)
+            return
+        committer.put_state(TaskState(sig.uuid, STARTED, task_name=sig.name))
+        if spec.wants_context:
+            args.insert(0, TaskContext(sig, self.tag, d.attempts, d.redelivered))
+        if self._pre_task is not None:
+            await self._call_handler(self._pre_task, sig)
+        try:
+            if spec.is_async:
+                returned = await spec.fn(*args)
+            else:
+                assert self._pool is not None
+                returned = await asyncio.get_running_loop().run_in_executor(self._pool, _call, spec.fn, args)
+            results = spec.make_results(returned)
+            for r in results:
+                to_wire(r.type, r.value)
+        except RetryTaskLater as exc:
+            await self._retry(d, sig, str(exc), exc.delay)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._fail(d, sig, str(exc) or type(exc).__name__, exc, retry=True)
+        else:
+            await self._succeed(d, sig, results)
+        if self._post_task is not None:
+            await self._call_handler(self._post_task, sig)
+
+    async def _succeed(self, d: Delivery, sig: Signature, results: list[TaskResult]) -> None:
+        assert self._committer is not None
+        await self._committer.store(TaskState(sig.uuid, SUCCESS, task_name=sig.name, results=results))
+        if sig.on_success:
+            follow = list(sig.on_success)
+            if not sig.immutable:
+                for cb in follow:
+                    cb.args.extend(Arg(r.type, r.value) for r in results)
+            await self.server.dispatch(follow, init_groups=True)
+        if sig.group_uuid and sig.chord_callback is not None:
+            await self._chord_member_done(sig, "")
+        self._committer.ack(d)
+
+    async def _fail(self, d: Delivery, sig: Signature, error: str, exc: BaseException, retry: bool) -> None:
+        if retry and sig.retry_count > 0:
+            sig.retry_count -= 1
+            sig.retry_timeout = fibonacci_next(sig.retry_timeout)
+            get_logger().warning("task %s (%s) failed, retry in %d s: %s", sig.name, sig.uuid,
+                                 sig.retry_timeout, error)
+            await self._retry(d, sig, error, timedelta(seconds=sig.retry_timeout))
+            return
+        assert self._committer is not None
+        get_logger().error("task %s (%s) failed: %s", sig.name, sig.uuid, error,
+                           exc_info=(type(exc), exc, exc.__traceback__))
+        await self._committer.store(TaskState(sig.uuid, FAILURE, task_name=sig.name, error=error))
+        await self._report(exc)
+        if sig.on_error:
+            for cb in sig.on_error:
+                cb.args.insert(0, Arg("string", error))
+            await self.server.dispatch(list(sig.on_error), init_groups=True)
+        if sig.group_uuid and sig.chord_callback is not None:
+            await self._chord_member_done(sig, error)
+        if sig.stop_task_deletion_on_error:
+            await self.server.get_broker().dead_letter(d, error)
+        else:
+            self._committer.ack(d)
+
+    async def _retry(self, d: Delivery, sig: Signature, error: str, delay: timedelta) -> None:
+        """Store RETRY, publish the task again with its ETA, then ack this delivery."""
+        assert self._committer is not None
+        await self._committer.store(TaskState(sig.uuid, RETRY, task_name=sig.name, error=error))
+        sig.eta = datetime.now(UTC) + delay
+        await self.server.get_broker().publish(sig, encode_signature(sig), gojson.time_ns(sig.eta))
+        self._committer.ack(d)
+
+    async def _chord_member_done(self, sig: Signature, error: str) -> None:
+        """Count the member; the one call that completes the group fires (or fails) the callback."""
+        backend = self.server.get_backend()
+        callback = sig.chord_callback
+        assert callback is not None and self._committer is not None
+        failed = bool(error)
+        progress = await backend.group_member_done(sig.group_uuid, sig.uuid, sig.group_task_count, failed)
+        if not progress.counted:
+            return
+        if failed:
+            if progress.failed == 1:
+                await self._fail_chord(callback, f"chord member {sig.name} ({sig.uuid}) failed: {error}")
+            return
+        if progress.failed or progress.done < sig.group_task_count:
+            return
+        if not await backend.trigger_chord(sig.group_uuid):
+            return
+        meta = await backend.get_group_meta(sig.group_uuid)
+        if meta is None:
+            await self._fail_chord(callback, f"group {sig.group_uuid} is unknown or expired; chord not sent")
+            return
+        if not callback.immutable:
+            states = await backend.get_states(meta.task_uuids)
+            for uuid, state in zip(meta.task_uuids, states, strict=True):
+                if state is None or state.state != SUCCESS:
+                    await self._fail_chord(callback, f"chord member {uuid} has no stored result")
+                    return
+                callback.args.extend(Arg(r.type, r.value) for r in state.results or [])
+        await self.server.dispatch([callback], init_groups=True)
+
+    async def _fail_chord(self, callback: Signature, error: str) -> None:
+        assert self._committer is not None
+        get_logger().error("chord callback %s (%s) will not run: %s", callback.name, callback.uuid, error)
+        await self._committer.store(TaskState(callback.uuid, FAILURE, task_name=callback.name, error=error))
+        if callback.on_error:
+            for cb in callback.on_error:
+                cb.args.insert(0, Arg("string", error))
+            await self.server.dispatch(list(callback.on_error), init_groups=True)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    async def _report(self, exc: BaseException) -> None:
+        if self._error_handler is not None:
+            await self._call_handler(self._error_handler, exc)
+
+    async def _call_handler(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        try:
+            await _maybe_await(fn(arg))
+        except Exception as exc:
+            get_logger().error("handler %r raised: %s", fn, exc)
+
+
+def _call(fn: Callable[..., Any], args: list[Any]) -> Any:
+    return fn(*args)
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+async def _sleep_or(event: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+async def _first(*aws: Any) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
