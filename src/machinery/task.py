@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from machinery.context import TaskContext
 from machinery.errors import ArgTypeError, MachineryError
-from machinery.tasks.gotypes import infer_type, type_from_annotation
+from machinery.tasks.gotypes import check_declared, infer_type, type_from_annotation
 from machinery.tasks.signature import Arg, Signature
 from machinery.tasks.state import TaskResult
 
@@ -76,6 +76,18 @@ class TaskSpec:
                 continue
             declared = self.arg_types[i] if i < len(self.arg_types) else self.var_arg_type
             out.append(Arg(declared or infer_type(value), value))
+        return out
+
+    def check_args(self, values: list[Any]) -> list[Any]:
+        """Check converted arguments against declared parameter types (range, kind)."""
+        out = list(values)
+        for i, value in enumerate(out):
+            declared = self.arg_types[i] if i < len(self.arg_types) else self.var_arg_type
+            if declared is not None and declared != "json":
+                try:
+                    out[i] = check_declared(declared, value)
+                except ArgTypeError as exc:
+                    raise ArgTypeError(f"argument {i + 1} of {self.name}: {exc}") from None
         return out
 
     def make_results(self, returned: Any) -> list[TaskResult]:

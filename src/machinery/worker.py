@@ -309,7 +309,7 @@ class Worker:
         assert committer is not None
         committer.put_state(TaskState(sig.uuid, RECEIVED, task_name=sig.name))
         try:
-            args = sig.python_args()
+            args = spec.check_args(sig.python_args())
         except ArgTypeError as exc:
             await self._fail(d, sig, f"Reflect task args error: {exc}", exc, retry=False)
             return

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections.abc
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from typing import Annotated, Any, Final
 import msgspec
 
 from machinery.errors import ArgTypeError
-from machinery.tasks.gojson import float_raw
+from machinery.tasks.gojson import float_raw, round32
 
 INT_RANGES: Final[dict[str, tuple[int, int]]] = {
     "int": (-(2**63), 2**63 - 1),
@@ -100,23 +102,25 @@ def to_python(type_name: str, value: Any) -> Any:
 
 
 def _to_int(type_name: str, value: Any) -> int:
+    # Go reads integers with json.Number.Int64 / strconv.ParseUint: `1.5`, `2.0` and `1e3` are errors
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise ArgTypeError(f"{_show(value)} is not {type_name}")
+        raise ArgTypeError(f"{_show(value)} is not {type_name}")
     lo, hi = INT_RANGES[type_name]
     if not lo <= value <= hi:
         raise ArgTypeError(f"{value} is out of range for {type_name} [{lo}, {hi}]")
-    return value
+    return int(value)
 
 
 def _to_float(type_name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ArgTypeError(f"{_show(value)} is not {type_name}")
-    result = float(value)
-    if type_name == "float32" and abs(result) > 3.4028234663852886e38:
-        raise ArgTypeError(f"{value} is out of range for float32")
+    try:
+        result = float(value)
+    except OverflowError:
+        raise ArgTypeError(f"{_show(value)} is out of range for {type_name}") from None
+    if type_name == "float32" and not math.isinf(result):
+        # the value a float32 holds (0.1 reads as 0.10000000149011612, as in Go); too big is an error
+        return round32(result)
     return result
 
 
@@ -136,6 +140,19 @@ def _to_bytes(type_name: str, value: Any) -> bytes:
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_declared(type_name: str, value: Any) -> Any:
+    """Check an already converted argument against the type its parameter declares."""
+    if type_name in BYTES_TYPES:
+        if isinstance(value, bytes | bytearray):
+            return bytes(value)
+        raise ArgTypeError(f"{_show(value)} is not {type_name}")
+    if type_name in SLICE_TYPES:
+        if not isinstance(value, list):
+            raise ArgTypeError(f"{_show(value)} is not {type_name}")
+        return [check_declared(type_name[2:], v) for v in value]
+    return to_python(type_name, value)
 
 
 # --- Python -> wire value ------------------------------------------------------------------
@@ -179,9 +196,9 @@ _SCALAR_OF: Final[dict[type, str]] = {bool: "bool", int: "int64", float: "float6
 def infer_type(value: Any) -> str:
     """The Machinery type for a plain Python value; values Go cannot type use the `json` extension."""
     kind = _SCALAR_OF.get(type(value))
+    if kind == "int64":
+        return _int_kind(value)
     if kind is not None:
-        if kind == "int64" and not INT_RANGES["int64"][0] <= value <= INT_RANGES["int64"][1]:
-            return "uint64" if 0 <= value <= INT_RANGES["uint64"][1] else JSON_TYPE
         return kind
     if isinstance(value, bytes | bytearray | memoryview):
         return "[]byte"
@@ -189,11 +206,23 @@ def infer_type(value: Any) -> str:
         kinds = {_SCALAR_OF.get(type(v)) for v in value}
         if len(kinds) == 1:
             (only,) = kinds
-            if only is not None and all(
-                only != "int64" or INT_RANGES["int64"][0] <= v <= INT_RANGES["int64"][1] for v in value
-            ):
+            if only == "int64":
+                int_kinds = {_int_kind(v) for v in value}
+                if int_kinds == {"int64"}:
+                    return "[]int64"
+                if JSON_TYPE not in int_kinds and all(v >= 0 for v in value):
+                    return "[]uint64"
+                return JSON_TYPE
+            if only is not None:
                 return f"[]{only}"
     return JSON_TYPE
+
+
+def _int_kind(value: int) -> str:
+    """int64 when it fits, else uint64, else only the `json` extension can carry it."""
+    if INT_RANGES["int64"][0] <= value <= INT_RANGES["int64"][1]:
+        return "int64"
+    return "uint64" if 0 <= value <= INT_RANGES["uint64"][1] else JSON_TYPE
 
 
 def type_from_annotation(annotation: Any) -> str | None:
@@ -212,7 +241,7 @@ def type_from_annotation(annotation: Any) -> str | None:
         return _SCALAR_OF[annotation]
     if annotation in (bytes, bytearray):
         return "[]byte"
-    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+    if origin in (list, tuple, collections.abc.Sequence) or annotation in (list, tuple):
         params = typing.get_args(annotation)
         if params and (len(params) == 1 or (len(params) == 2 and params[1] is Ellipsis)):
             inner = type_from_annotation(params[0])
