@@ -89,7 +89,7 @@ def supervise(count: int, child_main: Callable[[int], int]) -> int:
             code = 1
             try:
                 code = child_main(index)
-            except BaseException as exc:  # noqa: BLE001 - report anything, then leave the child
+            except BaseException as exc:
                 log.error("worker process %d failed: %s", index, exc)
             finally:
                 os._exit(code)

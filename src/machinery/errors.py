@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from datetime import timedelta
 
 
@@ -44,7 +45,7 @@ class TaskError(MachineryError):
         super().__init__(f"{where} failed: {error}")
 
 
-class TimeoutError(MachineryError, TimeoutError):  # noqa: A001 - also the builtin, on purpose
+class TimeoutError(MachineryError, builtins.TimeoutError):  # also the builtin, on purpose
     """A wait for a result passed its timeout."""
 
 

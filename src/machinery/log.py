@@ -20,7 +20,7 @@ class _Holder:
     logger: Logger = logging.getLogger("machinery")
 
 
-def set(logger: Logger) -> None:  # noqa: A001 - the API name machinery.log.set
+def set(logger: Logger) -> None:
     """Send the library's log lines to `logger` (anything with debug/info/warning/error/exception)."""
     _Holder.logger = logger
 

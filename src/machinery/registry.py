@@ -70,7 +70,7 @@ def scheme_of(url: str, kind: Kind) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise ConfigError(
-            f"config field {_FIELD[kind]}: {url!r} is not a URL; expected SCHEME://..., "
+            f"config field {_FIELD[kind]}: {_redact(url)!r} is not a URL; expected SCHEME://..., "
             f"known schemes: {', '.join(sorted(_TABLES[kind]))}"
         )
     scheme = scheme.lower()
@@ -100,7 +100,16 @@ def driver_class(url: str, kind: Kind) -> type[Any]:
             raise DriverMissingError(
                 f"the {scheme}:// {kind} needs an extra: pip install 'machinery[{driver.extra}]'"
             ) from None
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if driver.extra and missing and missing.split(".")[0] != "machinery":
+            raise DriverMissingError(
+                f"the {scheme}:// {kind} needs the {missing!r} module: "
+                f"pip install 'machinery[{driver.extra}]'"
+            ) from None
+        raise
     cls: type[Any] = getattr(module, cls_name)
     return cls
 
@@ -129,8 +138,12 @@ def make_lock(cnf: Config, url: str | None = None) -> Lock:
 
 
 def _redact(url: str) -> str:
+    """The URL with any user:password@ part hidden, for error messages."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
+    if not sep:
+        scheme, rest = "", url
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
         return url
-    creds, _, host = rest.partition("@")
-    return f"{scheme}://***@{host}"
+    host = authority.rpartition("@")[2]
+    return f"{scheme}{sep}***@{host}{slash}{path}"

@@ -63,17 +63,17 @@ class Server:
             self.register_task(name, fn)
 
     @overload
-    def task(self, fn: Callable[..., Any], /) -> Task[Any, Any]: ...
+    def task(self, fn: Callable[..., Any], /, **options: Any) -> Task[Any, Any]: ...
     @overload
-    def task(self, *, name: str | None = None, **options: Any) -> Callable[[Callable[..., Any]], Task[Any, Any]]: ...
+    def task(self, fn: None = None, /, **options: Any) -> Callable[[Callable[..., Any]], Task[Any, Any]]: ...
 
     def task(
-        self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None, **options: Any
+        self, fn: Callable[..., Any] | None = None, /, **options: Any
     ) -> Task[Any, Any] | Callable[[Callable[..., Any]], Task[Any, Any]]:
         """Decorator: register a function under its name (or `name=`), keeping it callable."""
 
         def wrap(f: Callable[..., Any]) -> Task[Any, Any]:
-            task_name = name or getattr(f, "__name__", "")
+            task_name = str(options.pop("name", None) or getattr(f, "__name__", ""))
             self.register_task(task_name, f, **options)
             return Task(self, self._tasks[task_name])
 

@@ -131,8 +131,7 @@ class Worker:
     async def aquit(self) -> None:
         if self._stop is not None:
             self._stop.set()
-        while not self._stopped.is_set():
-            await asyncio.sleep(0.01)
+        await asyncio.to_thread(self._stopped.wait)
 
     def abort(self) -> None:
         """Stop at once: running tasks are cancelled and their messages given back to the broker."""

@@ -28,7 +28,7 @@ class MemoryBroker(Broker):
         super().__init__(cnf, url)
         self._lock = threading.Lock()
         self._queues: dict[str, deque[tuple[int, bytes, int]]] = {}
-        self._delayed: list[tuple[int, int, str, bytes]] = []
+        self._delayed: list[tuple[int, int, str, bytes, int]] = []  # (eta_ns, id, queue, body, attempts)
         self._inflight: dict[int, tuple[str, bytes, int]] = {}
         self._dead: list[tuple[bytes, str]] = []
         self._ids = itertools.count(1)
@@ -48,7 +48,7 @@ class MemoryBroker(Broker):
         msg_id = next(self._ids)
         with self._lock:
             if eta_ns is not None and eta_ns > time.time_ns():
-                heapq.heappush(self._delayed, (eta_ns, msg_id, queue, body))
+                heapq.heappush(self._delayed, (eta_ns, msg_id, queue, body, attempts))
             else:
                 self._queues.setdefault(queue, deque()).append((msg_id, body, attempts))
         self._waiters.notify(queue)
@@ -59,8 +59,8 @@ class MemoryBroker(Broker):
         now = time.time_ns()
         moved: set[str] = set()
         while self._delayed and self._delayed[0][0] <= now:
-            _, msg_id, queue, body = heapq.heappop(self._delayed)
-            self._queues.setdefault(queue, deque()).append((msg_id, body, 0))
+            _, msg_id, queue, body, attempts = heapq.heappop(self._delayed)
+            self._queues.setdefault(queue, deque()).append((msg_id, body, attempts))
             moved.add(queue)
         return (self._delayed[0][0] - now) / 1e9 if self._delayed else None
 
@@ -117,7 +117,7 @@ class MemoryBroker(Broker):
 
     async def delayed(self) -> list[bytes]:
         with self._lock:
-            return [body for _, _, _, body in sorted(self._delayed)]
+            return [body for _, _, _, body, _ in sorted(self._delayed)]
 
     async def dead_letters(self) -> list[tuple[bytes, str]]:
         with self._lock:
