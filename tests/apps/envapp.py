@@ -1,0 +1,31 @@
+"""A test app whose config comes from the environment (BROKER, RESULT_BACKEND, ...)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from machinery import Config, Server
+
+server = Server(Config.from_env())
+
+
+@server.task
+def add(*args: int) -> int:
+    return sum(args)
+
+
+@server.task
+def sleepy(seconds: float, tag: int) -> int:
+    """Records each start in a file (one line per run) so tests can count executions."""
+    log = os.environ.get("MACHINERY_TEST_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{tag} {os.getpid()}\n")
+    time.sleep(seconds)
+    return tag
+
+
+@server.task
+def pid() -> int:
+    return os.getpid()

@@ -1,0 +1,145 @@
+"""The `machinery` command on the embedded SQLite store, in real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "machinery"]
+
+
+def env_for(db: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    url = f"sqlite:///{db}"
+    env.update({"BROKER": url, "RESULT_BACKEND": url, "MACHINERY_LOG_LEVEL": "WARNING",
+                "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT / 'src'}"})
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "cli.sqlite3"
+
+
+@pytest.fixture
+def worker(db: Path) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(CLI + ["worker", "--app", "apps.envapp:server", "--processes", "2",
+                                   "--concurrency", "4"], env=env_for(db), text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_send_wait_status_pending(db: Path, worker: subprocess.Popen[str]) -> None:
+    env = env_for(db)
+    out = run(["send", "--app", "apps.envapp:server", "add", "1", "2", "39", "--wait", "--timeout", "30"], env)
+    assert out.returncode == 0, out.stderr
+    uuid, value = out.stdout.split()
+    assert uuid.startswith("task_") and value == "42"
+    status = run(["status", uuid], env)
+    assert status.returncode == 0, status.stderr
+    state = json.loads(status.stdout)
+    assert state["State"] == "SUCCESS" and state["Results"] == [{"Type": "int64", "Value": 42}]
+    assert run(["status", "task_missing"], env).returncode == 1
+
+
+def test_processes_spread_work_and_stop_gracefully(db: Path, worker: subprocess.Popen[str]) -> None:
+    env = env_for(db)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from machinery import Config, Server, Signature
+
+    server = Server(Config(broker=f"sqlite:///{db}", result_backend=f"sqlite:///{db}"))
+    try:
+        results = server.send_tasks([Signature("sleepy", [0.05, i]) for i in range(40)])
+        assert sorted(r.get(timeout=60) for r in results) == list(range(40))
+        pids = {server.send_task(Signature("pid")).get(timeout=30) for _ in range(30)}
+    finally:
+        server.close()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert len(pids) >= 1
+    del env
+
+
+def test_pending_lists_without_consuming(db: Path) -> None:
+    env = env_for(db)
+    for n in (1, 2, 3):
+        assert run(["send", "add", str(n), "1"], env).returncode == 0
+    out = run(["pending"], env)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [line["Args"][0]["Value"] for line in lines] == [1, 2, 3]
+    assert run(["pending"], env).stdout == out.stdout
+
+
+def test_bad_app_is_a_clear_error(db: Path) -> None:
+    out = run(["worker", "--app", "no_such_module:server"], env_for(db))
+    assert out.returncode == 2 and "cannot import no_such_module" in out.stderr
+    out = run(["worker", "--app", "nocolon"], env_for(db))
+    assert out.returncode == 2 and "MODULE:ATTR" in out.stderr
+    out = run(["status", "x"], env_for(db, BROKER="kafka://x"))
+    assert out.returncode == 2 and "known schemes" in out.stderr
+
+
+def test_example_runs(tmp_path: Path) -> None:
+    out = subprocess.run(CLI + ["example", "--db", str(tmp_path / "ex.sqlite3")], capture_output=True,
+                         text=True, timeout=120, env=env_for(tmp_path / "unused"), check=False)
+    assert out.returncode == 0, out.stderr
+    assert "chord multiply(add(1,1), add(5,5)) = 20" in out.stdout
+    assert "chain 4 * (5 + 5 + (1 + 1)) = 48" in out.stdout
+    assert "retried flaky(7) = 7 after 3 attempts" in out.stdout
+
+
+def test_worker_sigkill_loses_nothing(db: Path, tmp_path: Path) -> None:
+    """SIGKILL a worker in the middle of work: every task still completes (at-least-once)."""
+    log = tmp_path / "runs.log"
+    env = env_for(db, MACHINERY_TEST_LOG=str(log), SQLITE_LEASE_SECONDS="2")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from machinery import Config, Server, Signature
+
+    url = f"sqlite:///{db}"
+    server = Server(Config(broker=url, result_backend=url))
+    try:
+        results = server.send_tasks([Signature("sleepy", [0.02, i]) for i in range(300)])
+        victim = subprocess.Popen(CLI + ["worker", "--app", "apps.envapp:server", "--concurrency", "8"],
+                                  env=env, text=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 40):
+            time.sleep(0.02)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        started_before_kill = len(log.read_text().splitlines())
+        assert 40 <= started_before_kill < 300
+        rescuer = subprocess.Popen(CLI + ["worker", "--app", "apps.envapp:server", "--concurrency", "8"],
+                                   env=env, text=True)
+        try:
+            assert sorted(r.get(timeout=90) for r in results) == list(range(300))
+        finally:
+            rescuer.send_signal(signal.SIGTERM)
+            rescuer.wait(timeout=30)
+    finally:
+        server.close()
+    runs = [int(line.split()[0]) for line in log.read_text().splitlines()]
+    assert set(runs) == set(range(300))
+    assert len(runs) >= 300
