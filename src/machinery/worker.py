@@ -383,22 +383,28 @@ class Worker:
         self._committer.ack(d)
 
     async def _chord_member_done(self, sig: Signature, error: str) -> None:
-        """Count the member; the one call that completes the group fires (or fails) the callback."""
+        """Count the member; the one call that completes the group fires (or fails) the callback.
+
+        A member redelivered after its worker died between counting and sending the callback is
+        not counted again; it sends the callback itself when no state for the callback exists yet,
+        so a crash in that window does not lose the chord.
+        """
         backend = self.server.get_backend()
         callback = sig.chord_callback
         assert callback is not None and self._committer is not None
         failed = bool(error)
         progress = await backend.group_member_done(sig.group_uuid, sig.uuid, sig.group_task_count, failed)
-        if not progress.counted:
-            return
         if failed:
-            if progress.failed == 1:
+            if progress.counted and progress.failed == 1:
                 await self._fail_chord(callback, f"chord member {sig.name} ({sig.uuid}) failed: {error}")
             return
         if progress.failed or progress.done < sig.group_task_count:
             return
-        if not await backend.trigger_chord(sig.group_uuid):
-            return
+        if progress.counted:
+            if not await backend.trigger_chord(sig.group_uuid):
+                return
+        elif await backend.get_state(callback.uuid) is not None:
+            return  # already sent by the member that completed the group
         meta = await backend.get_group_meta(sig.group_uuid)
         if meta is None:
             await self._fail_chord(callback, f"group {sig.group_uuid} is unknown or expired; chord not sent")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from machinery import Config, Server
+from machinery import Config, Server, TaskContext
 
 server = Server(Config.from_env())
 
@@ -29,3 +29,13 @@ def sleepy(seconds: float, tag: int) -> int:
 @server.task
 def pid() -> int:
     return os.getpid()
+
+
+@server.task
+def chord_done(ctx: TaskContext, *results: int) -> int:
+    """A chord callback that logs its own UUID, so tests can count how often each chord fired."""
+    log = os.environ.get("MACHINERY_TEST_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{ctx.signature.uuid} {sum(results)}\n")
+    return sum(results)
