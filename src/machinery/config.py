@@ -10,6 +10,9 @@ import dataclasses
 import os
 import ssl
 import threading
+import types
+import typing
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any, ClassVar, get_type_hints
 import yaml
 
 from machinery.errors import ConfigError
+from machinery.log import get_logger
 
 DEFAULT_SQLITE_URL = "sqlite:///machinery.sqlite3"
 EXCHANGE_TYPES = ("direct", "topic", "fanout", "headers")
@@ -53,9 +57,7 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
 
 
 def _allowed_types(hint: Any) -> list[type] | None:
-    import types
-    import typing
-
+    """The runtime types a field accepts, or None when any value goes (Any, unchecked hints)."""
     if hint is Any:
         return None
     origin = typing.get_origin(hint)
@@ -85,7 +87,9 @@ def _names(types_: list[type]) -> str:
 def _non_negative(section: _Section, *names: str) -> None:
     for name in names:
         if getattr(section, name) < 0:
-            raise ConfigError(f"config field {section._prefix}{name}: must be >= 0, got {getattr(section, name)}")
+            raise ConfigError(
+                f"config field {section._prefix}{name}: must be >= 0, got {getattr(section, name)}"
+            )
 
 
 @dataclass
@@ -135,7 +139,9 @@ class SQSConfig(_Section):
 
     def _validate(self) -> None:
         if not 0 <= self.wait_time_seconds <= 20:
-            raise ConfigError(f"config field sqs.wait_time_seconds: must be 0..20, got {self.wait_time_seconds}")
+            raise ConfigError(
+                f"config field sqs.wait_time_seconds: must be 0..20, got {self.wait_time_seconds}"
+            )
         if self.visibility_timeout is not None and not 0 <= self.visibility_timeout <= 43200:
             raise ConfigError(
                 f"config field sqs.visibility_timeout: must be 0..43200, got {self.visibility_timeout}"
@@ -258,6 +264,14 @@ class Config(_Section):
         "results_expire_in": "RESULTS_EXPIRE_IN", "no_unix_signals": "NO_UNIX_SIGNALS",
     }
 
+    def __post_init__(self) -> None:
+        # sections may be given as mappings (YAML-style keys); build them before the type checks
+        for name, cls in _SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                setattr(self, name, _section_from_mapping(cls, value))
+        super().__post_init__()
+
     def _validate(self) -> None:
         if not self.broker:
             raise ConfigError("config field broker: must not be empty")
@@ -266,12 +280,6 @@ class Config(_Section):
         _non_negative(self, "results_expire_in")
         if self.results_expire_in == 0:
             self.results_expire_in = 3600
-        for name, cls in _SECTIONS.items():
-            value = getattr(self, name)
-            if isinstance(value, Mapping):
-                setattr(self, name, _section_from_mapping(cls, value))
-            elif not isinstance(value, cls):
-                raise ConfigError(f"config field {name}: expected {cls.__name__}, got {type(value).__name__}")
 
     def broker_urls(self) -> list[str]:
         """The broker URLs, split on multiple_broker_separator when it is set."""
@@ -309,8 +317,16 @@ class Config(_Section):
         """Load a YAML file with Go Machinery's keys; with keep_reloading, re-read it every 10 s."""
         cnf = cls._load_yaml(Path(path))
         if keep_reloading:
-            _Reloader(cnf, Path(path)).start()
+            reloader = _Reloader(cnf, Path(path))
+            cnf.__dict__["_reloader"] = reloader
+            reloader.start()
         return cnf
+
+    def stop_reloading(self) -> None:
+        """Stop the keep_reloading thread of a config loaded by from_yaml (no-op otherwise)."""
+        reloader: _Reloader | None = self.__dict__.pop("_reloader", None)
+        if reloader is not None:
+            reloader.stop()
 
     @classmethod
     def _load_yaml(cls, path: Path) -> Config:
@@ -337,7 +353,7 @@ class Config(_Section):
                     continue
                 if not isinstance(value, Mapping):
                     raise ConfigError(f"config field {key} in {source}: expected a mapping")
-                values[key] = _section_from_mapping(_SECTIONS[key], value)
+                values[key] = _section_from_mapping(_SECTIONS[key], value, source)
             elif key in known:
                 values[key] = value
             else:
@@ -345,7 +361,7 @@ class Config(_Section):
         return cls(**values)
 
 
-def _section_from_mapping(cls: type[_Section], data: Mapping[str, Any]) -> _Section:
+def _section_from_mapping(cls: type[_Section], data: Mapping[str, Any], source: str = "") -> _Section:
     by_yaml = {cls._yaml_names.get(f.name, f.name): f.name for f in fields(cls)}  # type: ignore[arg-type]
     by_yaml.update({f.name: f.name for f in fields(cls)})  # type: ignore[arg-type]
     by_yaml.update(getattr(cls, "_aliases", {}))
@@ -353,7 +369,8 @@ def _section_from_mapping(cls: type[_Section], data: Mapping[str, Any]) -> _Sect
     for key, value in data.items():
         name = by_yaml.get(key)
         if name is None:
-            raise ConfigError(f"unknown config field {cls._prefix}{key}")
+            where = f" in {source}" if source else ""
+            raise ConfigError(f"unknown config field {cls._prefix}{key!s}{where}")
         values[name] = value
     return cls(**values)
 
@@ -398,28 +415,41 @@ def _parse_kv(var: str, raw: str) -> dict[str, Any] | None:
 
 
 class _Reloader:
-    """Re-reads a YAML file every 10 s and copies the new values into the live Config."""
+    """Re-reads a YAML file every `interval` seconds and copies the new values into the live Config.
+
+    It holds the Config weakly: the thread ends when the Config is garbage or stop() is called.
+    """
 
     interval = 10.0
 
     def __init__(self, cnf: Config, path: Path) -> None:
-        self._cnf = cnf
+        self._cnf = weakref.ref(cnf)
         self._path = path
         self._stop = threading.Event()
+        self.thread: threading.Thread | None = None
 
     def start(self) -> None:
-        thread = threading.Thread(target=self._run, name=f"machinery-config-reload:{self._path}", daemon=True)
-        thread.start()
+        self.thread = threading.Thread(
+            target=self._run, name=f"machinery-config-reload:{self._path}", daemon=True
+        )
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
 
     def _run(self) -> None:
-        from machinery.log import get_logger
-
         while not self._stop.wait(self.interval):
             try:
                 fresh = Config._load_yaml(self._path)
             except ConfigError as exc:
-                get_logger().warning("config reload of %s failed, keeping the old values: %s", self._path, exc)
+                get_logger().warning(
+                    "config reload of %s failed, keeping the old values: %s", self._path, exc
+                )
                 continue
+            cnf = self._cnf()
+            if cnf is None:
+                return
             for f in dataclasses.fields(Config):
                 if f.name != "tls":
-                    setattr(self._cnf, f.name, getattr(fresh, f.name))
+                    setattr(cnf, f.name, getattr(fresh, f.name))
+            del cnf

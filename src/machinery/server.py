@@ -17,7 +17,7 @@ from machinery.task import Task, TaskSpec
 from machinery.tasks import gojson
 from machinery.tasks.signature import Signature, encode_signature
 from machinery.tasks.state import PENDING, TaskState
-from machinery.tasks.workflow import Chain, Chord, Group
+from machinery.tasks.workflow import Chain, Chord, Group, fresh_copy
 
 if TYPE_CHECKING:
     from machinery.backends.base import Backend
@@ -253,12 +253,10 @@ class Server:
 
     def register_periodic_task(self, spec: str, name: str, signature: Signature) -> None:
         """Send a fresh copy of `signature` on every tick of the cron `spec`, once across processes."""
-        template = signature.copy()
+        template = fresh_copy(signature)
 
         async def fire() -> None:
-            sig = template.copy()
-            sig.uuid = ""
-            await self.asend_task(sig)
+            await self.asend_task(fresh_copy(template))
 
         self._periodic().add(spec, name, fire)
         self._start_periodic()

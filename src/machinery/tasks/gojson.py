@@ -21,13 +21,42 @@ from machinery.errors import ArgTypeError, DecodeError
 _ENCODER = msgspec.json.Encoder()
 _HTML = ((b"<", b"\\u003c"), (b">", b"\\u003e"), (b"&", b"\\u0026"),
          ("\u2028".encode(), b"\\u2028"), ("\u2029".encode(), b"\\u2029"))
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _SHORT_ESCAPE = re.compile(rb"\\[\\bf]")
 _SHORT_MAP = {b"\\\\": b"\\\\", b"\\b": b"\\u0008", b"\\f": b"\\u000c"}
 
 
 def encode(obj: Any) -> bytes:
     """Encode plain data (dicts keep their order) the way Go's json.Marshal would."""
-    return go_escape(_ENCODER.encode(obj))
+    try:
+        data = _ENCODER.encode(obj)
+    except UnicodeEncodeError:
+        # a lone surrogate: Go writes invalid UTF-8 as U+FFFD, so do the same
+        data = _ENCODER.encode(_scrub(obj))
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise ArgTypeError(f"value cannot be encoded as JSON: {exc}") from exc
+    return go_escape(data)
+
+
+def _scrub(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return _SURROGATE.sub("\ufffd", obj)
+    if isinstance(obj, dict):
+        return {_scrub(k): _scrub(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_scrub(v) for v in obj]
+    return obj
+
+
+def go_value(obj: Any) -> Any:
+    """Plain data as Go writes an `interface{}` value: map keys sorted, floats in Go's notation."""
+    if isinstance(obj, dict):
+        return {str(k): go_value(obj[k]) for k in sorted(obj, key=str)}
+    if isinstance(obj, list | tuple):
+        return [go_value(v) for v in obj]
+    if isinstance(obj, float):
+        return float_raw(obj)
+    return obj
 
 
 def go_escape(data: bytes) -> bytes:
@@ -51,7 +80,7 @@ def go_float(value: float, bits: int = 64) -> str:
     if value == 0:
         return "-0" if math.copysign(1.0, value) < 0 else "0"
     if bits == 32:
-        value = _round32(value)
+        value = round32(value)
         digits = _shortest32(value)
         magnitude = abs(value)
         use_exp = magnitude < _F32_1E_6 or magnitude >= _F32_1E21
@@ -66,7 +95,7 @@ def go_float(value: float, bits: int = 64) -> str:
     return format(digits, "f")
 
 
-def _round32(value: float) -> float:
+def round32(value: float) -> float:
     """The float32 nearest to value (as a Python float); overflow is an ArgTypeError."""
     try:
         result: float = struct.unpack("<f", struct.pack("<f", value))[0]
@@ -75,8 +104,8 @@ def _round32(value: float) -> float:
     return result
 
 
-_F32_1E_6 = _round32(1e-6)
-_F32_1E21 = _round32(1e21)
+_F32_1E_6 = round32(1e-6)
+_F32_1E21 = round32(1e21)
 _F32_MAX_BITS = 0x7F7FFFFF
 
 

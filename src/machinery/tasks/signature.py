@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy as _copy
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -18,7 +19,7 @@ class Arg:
 
     __slots__ = ("name", "type", "value")
 
-    def __init__(self, type: str, value: Any, name: str = "") -> None:  # noqa: A002 - Go's field name
+    def __init__(self, type: str, value: Any, name: str = "") -> None:
         self.type = type
         self.value = value
         self.name = name
@@ -87,6 +88,8 @@ class Signature:
         self.eta = eta
         self.group_uuid = group_uuid
         self.group_task_count = group_task_count
+        if isinstance(args, str | bytes | bytearray | dict):
+            raise ArgTypeError(f"args must be a list of values or Args, got {type(args).__name__} {args!r:.60}")
         self.args: list[Arg] = [Arg.of(a) for a in args] if args is not None else []
         self.headers = headers
         self.priority = priority
@@ -106,8 +109,16 @@ class Signature:
         return [a.python_value() for a in self.args]
 
     def copy(self) -> Signature:
-        """A deep copy (workflows and periodic ticks send fresh copies)."""
-        return decode_signature(encode_signature(self))
+        """A deep copy (workflows and periodic ticks send fresh copies); UUIDs are kept as they are."""
+        sig = Signature.__new__(Signature)
+        for name in Signature.__slots__:
+            setattr(sig, name, getattr(self, name))
+        sig.args = [Arg(a.type, _copy.deepcopy(a.value), a.name) for a in self.args]
+        sig.headers = _copy.deepcopy(self.headers)
+        sig.on_success = [s.copy() for s in self.on_success] if self.on_success is not None else None
+        sig.on_error = [s.copy() for s in self.on_error] if self.on_error is not None else None
+        sig.chord_callback = self.chord_callback.copy() if self.chord_callback is not None else None
+        return sig
 
     def to_json(self) -> bytes:
         return encode_signature(self)
@@ -148,7 +159,7 @@ def signature_wire(sig: Signature) -> dict[str, Any]:
         "GroupUUID": sig.group_uuid,
         "GroupTaskCount": sig.group_task_count,
         "Args": [_arg_wire(a) for a in sig.args] if sig.args else None,
-        "Headers": sig.headers,
+        "Headers": gojson.go_value(sig.headers) if sig.headers else sig.headers,
         "Priority": sig.priority,
         "Immutable": sig.immutable,
         "RetryCount": sig.retry_count,
@@ -215,13 +226,16 @@ def _from_wire(w: _WireSignature) -> Signature:
     sig.uuid = w.uuid
     sig.name = w.name
     sig.routing_key = w.routing_key
-    sig.eta = gojson.parse_time(w.eta) if w.eta is not None else None
+    try:
+        sig.eta = gojson.parse_time(w.eta) if w.eta is not None else None
+    except DecodeError as exc:
+        raise DecodeError(f"malformed signature: `ETA`: {exc}") from None
     sig.group_uuid = w.group_uuid
     sig.group_task_count = w.group_task_count
     sig.args = [Arg(a.type, a.value, a.name) for a in w.args] if w.args is not None else []
     sig.headers = w.headers
     if not 0 <= w.priority <= 255:
-        raise DecodeError(f"Priority {w.priority} is out of range for uint8")
+        raise DecodeError(f"malformed signature: `Priority` {w.priority} is out of range for uint8")
     sig.priority = w.priority
     sig.immutable = w.immutable
     sig.retry_count = w.retry_count

@@ -26,7 +26,7 @@ class TaskResult:
 
     __slots__ = ("type", "value")
 
-    def __init__(self, type: str, value: Any) -> None:  # noqa: A002 - Go's field name
+    def __init__(self, type: str, value: Any) -> None:
         self.type = type
         self.value = value
 
@@ -124,7 +124,10 @@ class GroupMeta:
         self.ttl = ttl
 
     def __repr__(self) -> str:
-        return f"GroupMeta({self.group_uuid!r}, {len(self.task_uuids)} tasks, triggered={self.chord_triggered})"
+        return (
+            f"GroupMeta({self.group_uuid!r}, {len(self.task_uuids)} tasks, "
+            f"triggered={self.chord_triggered})"
+        )
 
 
 # --- encoding ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ so the messages stay in Go's shape.
 
 from __future__ import annotations
 
+import itertools
 import uuid as _uuid
 from collections.abc import Iterable
 
@@ -21,16 +22,21 @@ def new_uuid(prefix: str) -> str:
 class Group:
     """Tasks that run in parallel; every member carries the group UUID and size."""
 
-    def __init__(self, *signatures: Signature, group_uuid: str = "") -> None:
+    def __init__(self, *signatures: Signature | Iterable[Signature], group_uuid: str = "") -> None:
+        members: list[object] = list(signatures)
         if len(signatures) == 1 and not isinstance(signatures[0], Signature):
-            signatures = tuple(signatures[0])  # type: ignore[arg-type]
-        if not signatures:
+            if not isinstance(signatures[0], Iterable) or isinstance(signatures[0], str | bytes):
+                raise MachineryError(f"Group members must be Signatures, got {type(signatures[0]).__name__}")
+            members = list(signatures[0])  # Group([s1, s2]) as well as Group(s1, s2)
+        if not members:
             raise MachineryError("a Group needs at least one signature")
         self.group_uuid = group_uuid or new_uuid("group_")
-        self.signatures: list[Signature] = list(signatures)
-        for sig in self.signatures:
+        self.signatures: list[Signature] = []
+        for sig in members:
             if not isinstance(sig, Signature):
                 raise MachineryError(f"Group members must be Signatures, got {type(sig).__name__}")
+            self.signatures.append(sig)
+        for sig in self.signatures:
             if not sig.uuid:
                 sig.uuid = new_uuid("task_")
             sig.group_uuid = self.group_uuid
@@ -41,7 +47,7 @@ class Group:
 
     def copy(self) -> Group:
         """Fresh copies with new group and task UUIDs (used for each periodic tick)."""
-        sigs = [_fresh(s) for s in self.signatures]
+        sigs = [fresh_copy(s) for s in self.signatures]
         return Group(*sigs)
 
     def __repr__(self) -> str:
@@ -51,9 +57,11 @@ class Group:
 class Chord:
     """A group whose results, in group order, are appended to the callback's args once all succeed."""
 
-    def __init__(self, group: Group, callback: Signature) -> None:
+    def __init__(self, group: Group | Iterable[Signature], callback: Signature) -> None:
         if not isinstance(group, Group):
             group = Group(*group)
+        if not isinstance(callback, Signature):
+            raise MachineryError(f"a Chord callback must be a Signature, got {type(callback).__name__}")
         self.group = group
         self.callback = callback
         if not callback.uuid:
@@ -62,7 +70,7 @@ class Chord:
             sig.chord_callback = callback
 
     def copy(self) -> Chord:
-        callback = _fresh(self.callback, "chord_")
+        callback = fresh_copy(self.callback, "chord_")
         return Chord(self.group.copy(), callback)
 
     def __repr__(self) -> str:
@@ -120,24 +128,24 @@ def _link(steps: list[Step]) -> list[Step]:
             step.uuid = new_uuid("task_")
         merged.append(step)
         i += 1
-    for prev, nxt in zip(merged, merged[1:], strict=False):
+    for prev, nxt in itertools.pairwise(merged):
         tail = _tail(prev)
         if tail is None:
-            raise MachineryError("a group without a callback can only be the last step of a chain")
-        heads = _heads(nxt)
-        tail.on_success = (tail.on_success or []) + heads
+            raise MachineryError(
+                "a group without a callback can only be the last step of a chain "
+                "(or be followed by a signature, which becomes its chord callback)"
+            )
+        existing = tail.on_success or []
+        tail.on_success = existing + [h for h in _heads(nxt) if not any(h is e for e in existing)]
     return merged
 
 
 def _tail(step: Step) -> Signature | None:
-    """The signature whose success leads to the next step."""
+    """The signature whose success leads to the next step (its own OnSuccess tasks are kept)."""
     if isinstance(step, Signature):
-        node = step
-        while node.on_success and len(node.on_success) == 1 and not node.on_success[0].group_uuid:
-            node = node.on_success[0]
-        return node
+        return step
     if isinstance(step, Chord):
-        return _tail(step.callback)
+        return step.callback
     return None
 
 
@@ -149,7 +157,7 @@ def _heads(step: Step) -> list[Signature]:
     return list(step.signatures)
 
 
-def _fresh(sig: Signature, prefix: str = "task_") -> Signature:
+def fresh_copy(sig: Signature, prefix: str = "task_") -> Signature:
     """A deep copy with new UUIDs throughout and no group membership."""
     copy = sig.copy()
     _renew(copy, prefix)
@@ -167,5 +175,5 @@ def _renew(sig: Signature, prefix: str) -> None:
 
 def _fresh_step(step: Step) -> Step:
     if isinstance(step, Signature):
-        return _fresh(step)
+        return fresh_copy(step)
     return step.copy()
