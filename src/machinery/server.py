@@ -292,7 +292,7 @@ class Server:
 
     async def aclose(self) -> None:
         if self._scheduler is not None:
-            self._scheduler.stop()
+            await self._scheduler.astop()
         await asyncio.gather(self._broker.close(), self._backend.close(), return_exceptions=True)
 
     def close(self) -> None:
