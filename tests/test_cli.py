@@ -143,3 +143,59 @@ def test_worker_sigkill_loses_nothing(db: Path, tmp_path: Path) -> None:
     runs = [int(line.split()[0]) for line in log.read_text().splitlines()]
     assert set(runs) == set(range(300))
     assert len(runs) >= 300
+
+
+def _start_worker(db: Path, tmp_path: Path, log: Path) -> subprocess.Popen[str]:
+    env = env_for(db, MACHINERY_TEST_LOG=str(log))
+    return subprocess.Popen(CLI + ["worker", "--app", "apps.envapp:server", "--concurrency", "2"], env=env, text=True)
+
+
+def _wait_started(log: Path, count: int = 1, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError("task did not start")
+
+
+def test_one_signal_stops_gracefully(db: Path, tmp_path: Path) -> None:
+    from machinery import Config, Server, Signature
+
+    log = tmp_path / "runs.log"
+    url = f"sqlite:///{db}"
+    server = Server(Config(broker=url, result_backend=url))
+    try:
+        res = server.send_task(Signature("sleepy", [1.5, 7]))
+        proc = _start_worker(db, tmp_path, log)
+        _wait_started(log)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - started >= 1.0  # it waited for the running task
+        assert res.get(timeout=5) == 7
+    finally:
+        server.close()
+
+
+def test_two_signals_stop_at_once_and_give_the_task_back(db: Path, tmp_path: Path) -> None:
+    from machinery import Config, Server, Signature
+
+    log = tmp_path / "runs.log"
+    url = f"sqlite:///{db}"
+    server = Server(Config(broker=url, result_backend=url))
+    try:
+        res = server.send_task(Signature("sleepy", [30, 8]))
+        proc = _start_worker(db, tmp_path, log)
+        _wait_started(log)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        assert time.monotonic() - started < 10
+        state = res.get_state()
+        assert state is not None and state.state != "SUCCESS"
+        assert [s.uuid for s in server.get_broker().get_pending_tasks()] == [res.task_uuid]
+    finally:
+        server.close()

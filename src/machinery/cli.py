@@ -66,7 +66,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         name = args.name or f"worker@{os.uname().nodename}"
         if args.processes > 1:
             name = f"{name}-{index}"
-        server.new_worker(name, args.concurrency, args.queue).launch()
+        worker = server.new_worker(name, args.concurrency, args.queue)
+        worker.launch()
+        if worker.aborted:  # do not wait for abandoned task threads at interpreter exit
+            logging.shutdown()
+            os._exit(1)
         return 0
 
     if args.processes == 1:

@@ -66,6 +66,8 @@ class Worker:
         self._committer: Committer | None = None
         self._last_unknown_log = 0.0
         self.processed = 0
+        self.aborted = False
+        """True after an abrupt stop: sync tasks may still be running in abandoned threads."""
 
     # --- handlers (Go's API) ---------------------------------------------------------------
 
@@ -178,6 +180,9 @@ class Worker:
                 while self._active and not self._abort.is_set():
                     await asyncio.wait([abort_wait, *self._active], return_when=asyncio.FIRST_COMPLETED)
             if self._abort.is_set():
+                self.aborted = True
+                consume_task.cancel()
+                await asyncio.gather(consume_task, return_exceptions=True)
                 await self._abort_running()
             else:
                 await asyncio.wait_for(self._committer.drain(), 30)
