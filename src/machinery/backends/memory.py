@@ -58,9 +58,13 @@ class MemoryBackend(Backend):
         return out
 
     async def init_group(self, group_uuid: str, task_uuids: Sequence[str]) -> None:
-        meta = GroupMeta(group_uuid, list(task_uuids), created_at=datetime.now(UTC))
         with self._lock:
-            self._groups[group_uuid] = (self._expiry(), _Group(meta))
+            group = self._group(group_uuid)
+            if group is None:
+                group = _Group(GroupMeta(group_uuid, list(task_uuids), created_at=datetime.now(UTC)))
+            else:  # a live group keeps its progress: a redelivered parent may send it again
+                group.meta.task_uuids = list(task_uuids)
+            self._groups[group_uuid] = (self._expiry(), group)
 
     def _group(self, group_uuid: str) -> _Group | None:
         item = self._groups.get(group_uuid)

@@ -1,0 +1,282 @@
+"""The embedded result backend: task states and group progress in a local SQLite file.
+
+States are stored as Go's TaskState JSON so that tooling reading the file sees Machinery's shape.
+Group progress keeps one row per counted member, so counting a member is idempotent (a redelivered
+task is not counted twice) and costs O(1) whatever the group size; the chord flag is flipped by a
+single conditional UPDATE, so exactly one caller, in any process, wins it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from functools import partial
+from typing import TYPE_CHECKING
+
+from machinery._sqlite import Schema, SQLiteDB, chunks, immediate, sqlite_path
+from machinery._waiters import Waiters
+from machinery.backends.base import Backend, GroupProgress
+from machinery.config import DEFAULT_SQLITE_URL
+from machinery.errors import BackendError
+from machinery.tasks.state import GroupMeta, TaskState, decode_state, encode_state
+
+if TYPE_CHECKING:
+    from machinery.config import Config
+
+SCHEMA = Schema("backend", 1, (
+    """CREATE TABLE IF NOT EXISTS machinery_task_states (
+        uuid TEXT PRIMARY KEY,
+        state BLOB NOT NULL,
+        expires_at_ns INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS machinery_task_states_expiry ON machinery_task_states (expires_at_ns)",
+    """CREATE TABLE IF NOT EXISTS machinery_groups (
+        group_uuid TEXT PRIMARY KEY,
+        task_uuids TEXT NOT NULL,
+        chord_triggered INTEGER NOT NULL DEFAULT 0,
+        done INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        created_ns INTEGER NOT NULL,
+        expires_at_ns INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS machinery_groups_expiry ON machinery_groups (expires_at_ns)",
+    """CREATE TABLE IF NOT EXISTS machinery_group_members (
+        group_uuid TEXT NOT NULL,
+        task_uuid TEXT NOT NULL,
+        PRIMARY KEY (group_uuid, task_uuid)
+    ) WITHOUT ROWID""",
+))
+
+_SET_STATE = (
+    "INSERT INTO machinery_task_states (uuid, state, expires_at_ns) VALUES (?, ?, ?) "
+    "ON CONFLICT (uuid) DO UPDATE SET state = excluded.state, expires_at_ns = excluded.expires_at_ns"
+)
+_NEW_GROUP = (
+    "INSERT OR REPLACE INTO machinery_groups "
+    "(group_uuid, task_uuids, chord_triggered, done, failed, created_ns, expires_at_ns) "
+    "VALUES (?, ?, 0, 0, 0, ?, ?)"
+)
+_DROP_MEMBERS = "DELETE FROM machinery_group_members WHERE group_uuid = ?"
+_DROP_GROUP = "DELETE FROM machinery_groups WHERE group_uuid = ?"
+_PURGE_BATCH = 2000
+_MIN_POLL = 0.002
+
+
+class SQLiteBackend(Backend):
+    """Result backend in a local SQLite file (WAL), shareable with the SQLite broker's file."""
+
+    def __init__(self, cnf: Config, url: str = DEFAULT_SQLITE_URL) -> None:
+        super().__init__(cnf, url)
+        self.path = sqlite_path(url, "result_backend")
+        self._db = SQLiteDB(
+            self.path, cnf.sqlite.busy_timeout_ms, SCHEMA, BackendError, "machinery-sqlite-backend"
+        )
+        self._waiters = Waiters()
+        self._next_purge = 0.0
+
+    def _expires_at_ns(self) -> int:
+        return time.time_ns() + self.expire_in * 1_000_000_000
+
+    def _purge_due(self) -> bool:
+        """True about once per min(60 s, expiry): expired rows are invisible anyway, this reclaims space."""
+        now = time.monotonic()
+        if now < self._next_purge:
+            return False
+        self._next_purge = now + min(60.0, float(self.expire_in))
+        return True
+
+    # --- task states -----------------------------------------------------------------------
+
+    async def set_states(self, states: Sequence[TaskState]) -> None:
+        if not states:
+            return
+        expires = self._expires_at_ns()
+        rows = [(s.task_uuid, encode_state(s), expires) for s in states]
+        await self._db.run(partial(_write, _SET_STATE, rows, self._purge_due()))
+        for s in states:
+            if s.is_completed():
+                self._waiters.notify(s.task_uuid)
+
+    async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
+        if not task_uuids:
+            return []
+        found = await self._db.run(partial(_read_states, list(task_uuids)))
+        out: list[TaskState | None] = []
+        for uuid in task_uuids:
+            blob = found.get(uuid)
+            out.append(decode_state(blob) if blob is not None else None)
+        return out
+
+    async def purge_state(self, task_uuid: str) -> None:
+        sql = "DELETE FROM machinery_task_states WHERE uuid = ?"
+        await self._db.run(partial(_write, sql, [(task_uuid,)], False))
+
+    async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
+        """Poll, backing off up to sqlite.poll_interval_ms; writes through this object wake it at once."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = _MIN_POLL
+        cap = max(self.cnf.sqlite.poll_interval_ms / 1000, _MIN_POLL)
+        while True:
+            fut = self._waiters.register(task_uuid)
+            try:
+                state = (await self.get_states([task_uuid]))[0]
+                if state is not None and state.is_completed():
+                    return state
+                sleep = interval
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    sleep = min(sleep, left)
+                try:
+                    await asyncio.wait_for(asyncio.shield(fut), sleep)
+                except TimeoutError:
+                    interval = min(interval * 2, cap)
+            finally:
+                self._waiters.discard(task_uuid, fut)
+
+    # --- groups ----------------------------------------------------------------------------
+
+    async def init_group(self, group_uuid: str, task_uuids: Sequence[str]) -> None:
+        members = json.dumps(list(task_uuids))
+        job = partial(_init_group, group_uuid, members, self._expires_at_ns(), self._purge_due())
+        await self._db.run(job)
+
+    async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
+        def read(conn: sqlite3.Connection) -> tuple[str, int, int] | None:
+            row: tuple[str, int, int] | None = conn.execute(
+                "SELECT task_uuids, chord_triggered, created_ns FROM machinery_groups "
+                "WHERE group_uuid = ? AND expires_at_ns > ?",
+                (group_uuid, time.time_ns()),
+            ).fetchone()
+            return row
+
+        row = await self._db.run(read)
+        if row is None:
+            return None
+        task_uuids, triggered, created_ns = row
+        created = datetime.fromtimestamp(created_ns / 1e9, UTC)
+        members = list(json.loads(task_uuids))
+        return GroupMeta(group_uuid, members, chord_triggered=bool(triggered), created_at=created)
+
+    async def group_member_done(
+        self, group_uuid: str, task_uuid: str, total: int, failed: bool
+    ) -> GroupProgress:
+        done, nfailed, counted = await self._db.run(
+            partial(_member_done, group_uuid, task_uuid, failed, self._expires_at_ns())
+        )
+        return GroupProgress(done, nfailed, counted)
+
+    async def trigger_chord(self, group_uuid: str) -> bool:
+        def flip(conn: sqlite3.Connection) -> bool:
+            with immediate(conn):
+                cur = conn.execute(
+                    "UPDATE machinery_groups SET chord_triggered = 1 "
+                    "WHERE group_uuid = ? AND chord_triggered = 0 AND expires_at_ns > ?",
+                    (group_uuid, time.time_ns()),
+                )
+                return cur.rowcount == 1
+
+        return await self._db.run(flip)
+
+    async def purge_group_meta(self, group_uuid: str) -> None:
+        def purge(conn: sqlite3.Connection) -> None:
+            with immediate(conn):
+                conn.execute(_DROP_MEMBERS, (group_uuid,))
+                conn.execute(_DROP_GROUP, (group_uuid,))
+
+        await self._db.run(purge)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+
+# --- statements run on the database thread ---------------------------------------------------
+
+
+def _write(sql: str, rows: Sequence[tuple[object, ...]], purge: bool, conn: sqlite3.Connection) -> None:
+    with immediate(conn):
+        conn.executemany(sql, rows)
+    if purge:
+        _purge_expired(conn)
+
+
+def _read_states(uuids: list[str], conn: sqlite3.Connection) -> dict[str, bytes]:
+    now = time.time_ns()
+    found: dict[str, bytes] = {}
+    for part in chunks(uuids):
+        marks = ",".join("?" * len(part))
+        rows = conn.execute(
+            f"SELECT uuid, state FROM machinery_task_states WHERE uuid IN ({marks}) AND expires_at_ns > ?",
+            (*part, now),
+        ).fetchall()
+        found.update((r[0], r[1]) for r in rows)
+    return found
+
+
+def _init_group(group_uuid: str, members: str, expires: int, purge: bool, conn: sqlite3.Connection) -> None:
+    """Create the group record; a live one keeps its progress (a redelivered parent may send it again)."""
+    with immediate(conn):
+        row = conn.execute(
+            "SELECT expires_at_ns FROM machinery_groups WHERE group_uuid = ?", (group_uuid,)
+        ).fetchone()
+        if row is not None and row[0] > time.time_ns():
+            conn.execute(
+                "UPDATE machinery_groups SET task_uuids = ?, expires_at_ns = ? WHERE group_uuid = ?",
+                (members, expires, group_uuid),
+            )
+        else:
+            conn.execute(_DROP_MEMBERS, (group_uuid,))
+            conn.execute(_NEW_GROUP, (group_uuid, members, time.time_ns(), expires))
+    if purge:
+        _purge_expired(conn)
+
+
+def _member_done(
+    group_uuid: str, task_uuid: str, failed: bool, expires: int, conn: sqlite3.Connection
+) -> tuple[int, int, bool]:
+    """Count one member once; all in one transaction so concurrent processes see a consistent count."""
+    with immediate(conn):
+        row = conn.execute(
+            "SELECT expires_at_ns FROM machinery_groups WHERE group_uuid = ?", (group_uuid,)
+        ).fetchone()
+        if row is None or row[0] <= time.time_ns():
+            # Unknown (or expired) group: start a fresh record, as the memory backend does.
+            conn.execute(_DROP_MEMBERS, (group_uuid,))
+            conn.execute(_NEW_GROUP, (group_uuid, "[]", time.time_ns(), expires))
+        inserted = conn.execute(
+            "INSERT OR IGNORE INTO machinery_group_members (group_uuid, task_uuid) VALUES (?, ?)",
+            (group_uuid, task_uuid),
+        ).rowcount
+        if inserted:
+            done, nfailed = conn.execute(
+                "UPDATE machinery_groups SET done = done + 1, failed = failed + ? WHERE group_uuid = ? "
+                "RETURNING done, failed",
+                (int(failed), group_uuid),
+            ).fetchone()
+        else:
+            done, nfailed = conn.execute(
+                "SELECT done, failed FROM machinery_groups WHERE group_uuid = ?", (group_uuid,)
+            ).fetchone()
+    return int(done), int(nfailed), bool(inserted)
+
+
+def _purge_expired(conn: sqlite3.Connection) -> None:
+    """Delete a bounded batch of expired rows in short transactions (readers already ignore them)."""
+    now = time.time_ns()
+    with immediate(conn):
+        conn.execute(
+            "DELETE FROM machinery_task_states WHERE uuid IN "
+            "(SELECT uuid FROM machinery_task_states WHERE expires_at_ns <= ? LIMIT ?)",
+            (now, _PURGE_BATCH),
+        )
+    with immediate(conn):
+        expired = conn.execute(
+            "SELECT group_uuid FROM machinery_groups WHERE expires_at_ns <= ? LIMIT ?", (now, _PURGE_BATCH)
+        ).fetchall()
+        conn.executemany(_DROP_MEMBERS, expired)
+        conn.executemany(_DROP_GROUP, expired)
