@@ -172,8 +172,9 @@ class Worker:
             abort_wait = loop.create_task(self._abort.wait())
             await asyncio.wait([stop_wait, abort_wait, consume_task], return_when=asyncio.FIRST_COMPLETED)
             self._stop.set()
-            if not consume_task.done():
-                await asyncio.wait([consume_task, abort_wait], return_when=asyncio.FIRST_COMPLETED)
+            # Drivers give back what a cancelled fetch had claimed, so stopping need not wait for it.
+            consume_task.cancel()
+            await asyncio.gather(consume_task, return_exceptions=True)
             if not self._abort.is_set() and self._active:
                 log.info("worker %s: waiting for %d running tasks", self.tag, len(self._active))
                 await asyncio.wait([abort_wait, *self._active], return_when=asyncio.FIRST_COMPLETED)
@@ -181,8 +182,6 @@ class Worker:
                     await asyncio.wait([abort_wait, *self._active], return_when=asyncio.FIRST_COMPLETED)
             if self._abort.is_set():
                 self.aborted = True
-                consume_task.cancel()
-                await asyncio.gather(consume_task, return_exceptions=True)
                 await self._abort_running()
             else:
                 await asyncio.wait_for(self._committer.drain(), 30)

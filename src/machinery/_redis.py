@@ -1,0 +1,411 @@
+"""Redis plumbing shared by the Redis broker, backend and lock: URL parsing, clients, scripts.
+
+Nothing here imports redis-py at module level, so importing it is free; the clients are created
+per event loop by the drivers (redis.asyncio clients are bound to the loop that made them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import ssl
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from urllib.parse import unquote
+
+from machinery.errors import ConfigError, MachineryError
+
+if TYPE_CHECKING:
+    from machinery.config import Config
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+SCHEMES = ("redis", "rediss", "redis+socket")
+#: a redis.asyncio Redis or RedisCluster; typed loosely because redis-py's sync/async overloads
+#: do not narrow well under mypy --strict
+Client = Any
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where and how to connect, parsed from a Go Machinery style Redis URL plus cnf.redis."""
+
+    scheme: str
+    hosts: tuple[tuple[str, int], ...] = ()
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    socket_path: str = ""
+    tls: bool = False
+    cluster: bool = False
+    master_name: str = ""
+    sentinel_password: str | None = None
+
+
+# --- URL parsing ---------------------------------------------------------------------------
+
+
+def parse_redis_url(url: str, cnf: Config, field: str) -> RedisTarget:
+    """Parse redis://, rediss:// or redis+socket:// as Go Machinery does (userinfo without ':' is the password).
+
+    Several comma-separated hosts (or cnf.redis.cluster_mode) mean Redis Cluster; with
+    cnf.redis.master_name they are Sentinels instead. Errors name the config field.
+    """
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in SCHEMES:
+        raise ConfigError(f"config field {field}: expected a redis://, rediss:// or redis+socket:// URL, got {url!r}")
+    if "?" in rest or "#" in rest:
+        raise ConfigError(f"config field {field}: query strings and fragments are not supported in {_redact(url)}")
+    if scheme == "redis+socket":
+        return _parse_socket(rest, url, cnf, field)
+    parts = [p.strip() for p in rest.split(",")]
+    hosts: list[tuple[str, int]] = []
+    username: str | None = None
+    password: str | None = None
+    db = 0
+    for i, raw in enumerate(parts):
+        part = raw
+        if "://" in raw:
+            other, _, part = raw.partition("://")
+            if other.lower() != scheme:
+                raise ConfigError(f"config field {field}: mixed schemes in {_redact(url)}")
+        userinfo, at, hostpart = part.rpartition("@")
+        if at:
+            user, pw = _userinfo(userinfo)
+            username = username if user is None else user
+            password = password if pw is None else pw
+        hostport, slash, path = hostpart.partition("/")
+        if slash and path:
+            if i != len(parts) - 1 and len(parts) > 1:
+                raise ConfigError(f"config field {field}: the /db goes after the last host in {_redact(url)}")
+            db = _db(path, url, field)
+        hosts.append(_host_port(hostport, url, field))
+    master = cnf.redis.master_name
+    cluster = cnf.redis.cluster_mode or (len(hosts) > 1 and not master)  # with Sentinel: several sentinels
+    if cnf.redis.cluster_mode and master:
+        raise ConfigError(
+            f"config field redis.master_name: Sentinel ({master!r}) and Redis Cluster cannot be combined "
+            f"({field} = {_redact(url)})"
+        )
+    if cluster and db:
+        raise ConfigError(f"config field {field}: Redis Cluster has only db 0, got /{db} in {_redact(url)}")
+    return RedisTarget(
+        scheme=scheme, hosts=tuple(hosts), db=db, username=username, password=password,
+        tls=scheme == "rediss", cluster=cluster, master_name=master,
+        sentinel_password=cnf.redis.sentinel_password or None,
+    )
+
+
+def _parse_socket(rest: str, url: str, cnf: Config, field: str) -> RedisTarget:
+    at = rest.rfind("@/")
+    username = password = None
+    if at >= 0:
+        username, password = _userinfo(rest[:at])
+        path = rest[at + 1:]
+    elif rest.startswith("/"):
+        path = rest
+    else:
+        raise ConfigError(
+            f"config field {field}: expected redis+socket://[password@]/path/to.sock[:/db], got {_redact(url)}"
+        )
+    db = 0
+    head, colon, tail = path.rpartition(":/")
+    if colon and tail.isdigit():
+        path, db = head, _db(tail, url, field)
+    if not path or path == "/":
+        raise ConfigError(f"config field {field}: missing socket path in {_redact(url)}")
+    if cnf.redis.cluster_mode or cnf.redis.master_name:
+        raise ConfigError(f"config field {field}: a unix socket cannot be a Redis Cluster or a Sentinel")
+    return RedisTarget(scheme="redis+socket", db=db, username=username, password=password, socket_path=path)
+
+
+def _userinfo(text: str) -> tuple[str | None, str | None]:
+    if ":" in text:
+        user, _, pw = text.partition(":")
+        return (unquote(user) or None), unquote(pw)
+    return None, (unquote(text) if text else None)
+
+
+def _host_port(text: str, url: str, field: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ConfigError(f"config field {field}: unclosed '[' in {_redact(url)}")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"config field {field}: bad host {text!r} in {_redact(url)}")
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise ConfigError(f"config field {field}: missing host in {_redact(url)}")
+    if not port_text:
+        return host, 6379
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"config field {field}: port must be 1..65535, got {port_text!r} in {_redact(url)}")
+    return host, int(port_text)
+
+
+def _db(text: str, url: str, field: str) -> int:
+    if not text.isdigit():
+        raise ConfigError(f"config field {field}: the database must be a number, got {text!r} in {_redact(url)}")
+    return int(text)
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
+
+
+# --- clients -------------------------------------------------------------------------------
+
+
+def create_client(t: RedisTarget, cnf: Config) -> Client:
+    """A redis.asyncio client (standalone, socket, Sentinel master or Cluster) for the current loop."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.exceptions import ConnectionError as RConnectionError
+    from redis.exceptions import TimeoutError as RTimeoutError
+
+    r = cnf.redis
+    common: dict[str, Any] = {
+        "username": t.username,
+        "password": t.password,
+        "socket_timeout": float(r.read_timeout) or None,
+        "socket_connect_timeout": float(r.connect_timeout) or None,
+        "client_name": r.client_name or None,
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 5,
+                       supported_errors=(RConnectionError, RTimeoutError)),
+    }
+    if t.cluster:
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        if t.tls:
+            common.update(ssl=True, **_cluster_tls(cnf.tls))
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in t.hosts],
+                            max_connections=r.max_active or 1000, **common)
+    if t.master_name:
+        from redis.asyncio.sentinel import Sentinel
+
+        sentinel_kwargs = {"password": t.sentinel_password, "socket_timeout": common["socket_timeout"],
+                           "socket_connect_timeout": common["socket_connect_timeout"]}
+        if t.tls:
+            common.update(ssl=True)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(t.hosts), sentinel_kwargs=sentinel_kwargs, db=t.db, **common)
+        return sentinel.master_for(t.master_name)
+    pool_kwargs: dict[str, Any] = dict(common, db=t.db, max_connections=r.max_active or None)
+    if t.socket_path:
+        pool: Any = aioredis.ConnectionPool(
+            connection_class=aioredis.UnixDomainSocketConnection, path=t.socket_path, **pool_kwargs)
+    else:
+        host, port = t.hosts[0]
+        if t.tls:
+            pool_kwargs["connection_class"] = _tls_connection_class(cnf.tls)
+        pool = aioredis.ConnectionPool(host=host, port=port, **pool_kwargs)
+    return aioredis.Redis(connection_pool=pool)
+
+
+class Clients:
+    """One client per event loop, made ready before its first command.
+
+    A fresh redis-py RedisCluster that receives many commands at once can hand some of them a
+    connection its own initialization is closing (AttributeError on `writelines`); initializing it
+    once, alone, avoids that.
+    """
+
+    def __init__(self, target: RedisTarget, cnf: Config) -> None:
+        from machinery.brokers.base import PerLoop
+
+        self.target = target
+        self.cnf = cnf
+        self._items: PerLoop[_Entry] = PerLoop()
+
+    async def get(self) -> Client:
+        entry = self._items.get(lambda: _Entry(create_client(self.target, self.cnf)))
+        if not entry.ready:
+            async with entry.lock:
+                if not entry.ready:
+                    if self.target.cluster:
+                        await entry.client.initialize()
+                    entry.ready = True
+        return entry.client
+
+    async def close(self) -> None:
+        """Close the current loop's client."""
+        entry = self._items.pop_current()
+        if entry is not None:
+            await entry.client.aclose()
+
+
+class _Entry:
+    __slots__ = ("client", "lock", "ready")
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.lock = asyncio.Lock()
+        self.ready = False
+
+
+def _tls_connection_class(ctx: ssl.SSLContext | None) -> type[Any]:
+    """TLS connections that use cnf.tls as is (redis-py only takes loose ssl_* options)."""
+    from redis.asyncio.connection import SSLConnection
+
+    if ctx is None:
+        return SSLConnection
+
+    class _ContextSSLConnection(SSLConnection):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.ssl_context.context = ctx
+
+    return _ContextSSLConnection
+
+
+def _cluster_tls(ctx: ssl.SSLContext | None) -> dict[str, Any]:
+    """RedisCluster takes only ssl_* options: carry over what an SSLContext exposes (not client certs)."""
+    if ctx is None:
+        return {}
+    cas = ctx.get_ca_certs(binary_form=True)
+    out: dict[str, Any] = {"ssl_cert_reqs": ctx.verify_mode, "ssl_check_hostname": ctx.check_hostname,
+                           "ssl_min_version": ctx.minimum_version}
+    if cas:
+        out["ssl_ca_data"] = "".join(ssl.DER_cert_to_PEM_cert(c) for c in cas)
+    return out
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def tagged(key: str, suffix: str) -> str:
+    """An auxiliary key that lands in the same Redis Cluster hash slot as `key`.
+
+    Go's keys (queue names, task UUIDs) carry no hash tag, so ours wrap the whole key in one:
+    the slot of "{machinery_tasks}:x" is the slot of "machinery_tasks".
+    """
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key + suffix
+    return "{" + key + "}" + suffix
+
+
+def same_slot(key: str, other: str) -> bool:
+    from redis.crc import key_slot
+
+    return bool(key_slot(key.encode()) == key_slot(other.encode()))
+
+
+# --- scripts -------------------------------------------------------------------------------
+
+
+class LuaScript:
+    """A Lua script run with EVALSHA, loaded on NOSCRIPT (also inside pipelines, without redis-py's
+    per-pipeline SCRIPT EXISTS round trip)."""
+
+    __slots__ = ("sha", "src")
+
+    def __init__(self, src: str) -> None:
+        self.src = src
+        self.sha = hashlib.sha1(src.encode()).hexdigest()
+
+    async def __call__(self, client: Client, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        from redis.exceptions import NoScriptError
+
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await client.script_load(self.src)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+class Batch:
+    """Commands and scripts sent in one pipelined round trip (per node in a cluster)."""
+
+    __slots__ = ("ops",)
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[LuaScript | None, tuple[Any, ...]]] = []
+
+    def command(self, *args: Any) -> None:
+        self.ops.append((None, args))
+
+    def script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> None:
+        self.ops.append((script, ("EVALSHA", script.sha, len(keys), *keys, *args)))
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    async def run(self, client: Client) -> list[Any]:
+        """Results in order; the first error is raised after every command has run."""
+        from redis.exceptions import NoScriptError
+
+        if len(self.ops) == 1:
+            script, args = self.ops[0]
+            if script is not None:
+                return [await script(client, args[3:3 + args[2]], args[3 + args[2]:])]
+            return [await client.execute_command(*args)]
+        results = await _pipeline(client, [a for _, a in self.ops])
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:  # a restarted or new node: load, then run only the commands that did not run
+            for script in {id(s): s for s, _ in self.ops if s is not None}.values():
+                await client.script_load(script.src)
+            again = await _pipeline(client, [self.ops[i][1] for i in missing])
+            for i, r in zip(missing, again, strict=True):
+                results[i] = r
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
+
+
+async def _pipeline(client: Client, commands: list[tuple[Any, ...]]) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for args in commands:
+        pipe.execute_command(*args)
+    result: list[Any] = await pipe.execute(raise_on_error=False)
+    return result
+
+
+def cancel_requested() -> bool:
+    """True when the current task was cancelled but no CancelledError reached us.
+
+    Python 3.11's asyncio.wait_for, which redis-py uses to send every command, returns the result
+    and drops the cancellation when both happen at once; loops that wait call this after each
+    command so that cancel() and asyncio.timeout() still stop them.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+Coro = Coroutine[Any, Any, R]
+
+
+def wrap_errors(
+    error: type[MachineryError], what: str
+) -> Callable[[Callable[P, Coro[R]]], Callable[P, Coro[R]]]:
+    """Turn redis-py errors into the library's own (BrokerError / BackendError), keeping the cause."""
+
+    def deco(fn: Callable[P, Coro[R]]) -> Callable[P, Coro[R]]:
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            from redis.exceptions import RedisError
+
+            try:
+                return await fn(*args, **kwargs)
+            except RedisError as exc:
+                raise error(f"{what} {fn.__name__}: {type(exc).__name__}: {exc}") from exc
+
+        return wrapper
+
+    return deco

@@ -1,0 +1,444 @@
+"""Redis result backend, with Go Machinery's keys: the task UUID key holds the TaskState JSON and the
+group UUID key the GroupMeta JSON, each written with SET ... EX results_expire_in.
+
+Beyond Go: states are stored in one round trip per batch; Go's merge (later states keep the stored
+TaskName and CreatedAt) runs inside the same Lua script; a completed state is PUBLISHed on
+`machinery:done:<uuid>` so waiters wake at once; group progress is counted once per member in
+`{group}:machinery:progress` (same cluster slot as the group key); the chord flag flips atomically
+and respects Go's redsync `TriggerChordMutex`, so a mixed Go/Python fleet never fires a chord twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from machinery._redis import (
+    Batch,
+    Client,
+    Clients,
+    LuaScript,
+    cancel_requested,
+    parse_redis_url,
+    tagged,
+    wrap_errors,
+)
+from machinery.backends.base import Backend, GroupProgress
+from machinery.brokers.base import PerLoop
+from machinery.errors import BackendError
+from machinery.tasks import gojson
+from machinery.tasks.state import (
+    PENDING,
+    GroupMeta,
+    TaskState,
+    decode_group_meta,
+    decode_state,
+    encode_group_meta,
+    encode_state,
+)
+
+if TYPE_CHECKING:
+    from machinery.config import Config
+
+CHORD_MUTEX = "TriggerChordMutex"  # Go's redsync mutex, one for all groups
+CHANNEL_PREFIX = "machinery:done:"
+_ZERO_TOKEN = gojson.encode(gojson.ZERO_TIME)
+_NAME_KEY = b'"TaskName":'
+_CREATED_KEY = b'"CreatedAt":'
+
+# The raw JSON string token after `key` in a stored state, quotes included, so that the merged
+# value keeps exactly the bytes (and Go's escaping) it was stored with.
+_RAW_STRING = """
+local function raw_string(s, key)
+  local _, e = string.find(s, key, 1, true)
+  if not e then return nil end
+  local p = e + 2
+  while true do
+    local q = string.find(s, '"', p, true)
+    if not q then return nil end
+    local k, n = q - 1, 0
+    while k > e + 1 and string.byte(s, k) == 92 do n = n + 1; k = k - 1 end
+    if n % 2 == 0 then return string.sub(s, e + 1, q) end
+    p = q + 1
+  end
+end
+"""
+
+# KEYS: task uuids. ARGV: expiry, channel prefix, then one per key: a flag digit (1 merge TaskName,
+# 2 merge CreatedAt, 4 publish) and the JSON; when merging, the JSON in five NUL-separated parts
+# (head, name token, middle, created token, tail). One argument per state keeps packing cheap.
+SET_STATES = LuaScript(_RAW_STRING + """
+local ex, prefix = ARGV[1], ARGV[2]
+for i, key in ipairs(KEYS) do
+  local arg = ARGV[i + 2]
+  local flags = string.byte(arg, 1) - 48
+  local json
+  if flags % 4 == 0 then
+    json = string.sub(arg, 2)
+  else
+    local cut, p = {}, 2
+    for k = 1, 4 do
+      local q = string.find(arg, '\\0', p, true)
+      cut[k] = string.sub(arg, p, q - 1)
+      p = q + 1
+    end
+    local name, created = cut[2], cut[4]
+    local old = redis.call('GET', key)
+    if old then
+      if flags % 2 == 1 then name = raw_string(old, '"TaskName":') or name end
+      if math.floor(flags / 2) % 2 == 1 then created = raw_string(old, '"CreatedAt":') or created end
+    end
+    json = cut[1] .. name .. cut[3] .. created .. string.sub(arg, p)
+  end
+  redis.call('SET', key, json, 'EX', ex)
+  if flags >= 4 then redis.call('PUBLISH', prefix .. key, json) end
+end
+return #KEYS
+""")
+
+# KEYS: progress hash. ARGV: task uuid, failed (0/1), expiry. Returns {done, failed, counted}.
+MEMBER_DONE = LuaScript("""
+local new = redis.call('HSETNX', KEYS[1], 'm:' .. ARGV[1], ARGV[2])
+if new == 1 then
+  redis.call('HINCRBY', KEYS[1], 'done', 1)
+  if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[1], 'failed', 1) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local v = redis.call('HMGET', KEYS[1], 'done', 'failed')
+return {tonumber(v[1] or '0'), tonumber(v[2] or '0'), new}
+""")
+
+# KEYS: group meta, progress hash[, Go's TriggerChordMutex (standalone: checked in the same step)].
+# ARGV: token of this call (a retried call that already won still wins), expiry.
+# Returns 1 fired by this token, 0 already fired or no group, -1 Go holds the mutex: retry.
+TRIGGER = LuaScript("""
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+local meta = redis.call('GET', KEYS[1])
+if not meta then return 0 end
+local function mine()
+  if redis.call('HGET', KEYS[2], 'chord') == ARGV[1] then return 1 end
+  return 0
+end
+local out
+local s, e = string.find(meta, '"ChordTriggered":false', 1, true)
+if s then
+  out = string.sub(meta, 1, s - 1) .. '"ChordTriggered":true' .. string.sub(meta, e + 1)
+elseif string.find(meta, '"ChordTriggered":true', 1, true) then
+  return mine()
+else
+  local ok, obj = pcall(cjson.decode, meta)
+  if not ok or type(obj) ~= 'table' then return redis.error_reply('group meta is not JSON') end
+  if obj['ChordTriggered'] == true then return mine() end
+  obj['ChordTriggered'] = true
+  out = cjson.encode(obj)
+end
+redis.call('SET', KEYS[1], out, 'EX', ARGV[2])
+redis.call('HSET', KEYS[2], 'chord', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+""")
+
+# redsync's release: delete the mutex only if it still holds our token.
+UNLOCK = LuaScript("""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+""")
+
+_wrap = wrap_errors(BackendError, "redis backend")
+
+
+class RedisBackend(Backend):
+    """Go-compatible Redis result backend with atomic group counting and wake-on-completion."""
+
+    #: states per script call in standalone mode (the whole batch still goes in one round trip)
+    chunk = 256
+    #: how long trigger_chord waits for a Go worker holding TriggerChordMutex (its expiry is 8 s)
+    mutex_wait = 10.0
+
+    def __init__(self, cnf: Config, url: str = "") -> None:
+        super().__init__(cnf, url or cnf.result_backend)
+        self.target = parse_redis_url(self.url, cnf, "result_backend")
+        self._clients = Clients(self.target, cnf)
+        self._notifiers: PerLoop[_Notifier] = PerLoop()
+        self._cluster = self.target.cluster
+
+    async def _client(self) -> Client:
+        return await self._clients.get()
+
+    @staticmethod
+    def _progress_key(group_uuid: str) -> str:
+        return tagged(group_uuid, ":machinery:progress")
+
+    # --- states ----------------------------------------------------------------------------
+
+    @_wrap
+    async def set_states(self, states: Sequence[TaskState]) -> None:
+        if not states:
+            return
+        head = [self.expire_in, CHANNEL_PREFIX]
+        batch = Batch()
+        if self._cluster:  # every task key may live on another node: one script call each
+            for s in states:
+                batch.script(SET_STATES, [s.task_uuid], [*head, _state_arg(s)])
+        else:
+            for i in range(0, len(states), self.chunk):
+                part = states[i:i + self.chunk]
+                batch.script(SET_STATES, [s.task_uuid for s in part], [*head, *map(_state_arg, part)])
+        await batch.run(await self._client())
+
+    @_wrap
+    async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
+        if not task_uuids:
+            return []
+        client = await self._client()
+        if self._cluster:
+            raw = await client.mget_nonatomic(list(task_uuids))
+        else:
+            raw = await client.mget(list(task_uuids))
+        return [decode_state(r) if r is not None else None for r in raw]
+
+    @_wrap
+    async def purge_state(self, task_uuid: str) -> None:
+        client = await self._client()
+        await client.delete(task_uuid)
+
+    # --- groups ----------------------------------------------------------------------------
+
+    @_wrap
+    async def init_group(self, group_uuid: str, task_uuids: Sequence[str]) -> None:
+        """Create the group; a live one keeps its progress (a redelivered parent may send it again)."""
+        meta = GroupMeta(group_uuid, list(task_uuids), created_at=datetime.now(UTC))
+        client = await self._client()
+        if await client.set(group_uuid, encode_group_meta(meta), ex=self.expire_in, nx=True):
+            await client.delete(self._progress_key(group_uuid))  # left over from an expired namesake
+        else:
+            await client.expire(group_uuid, self.expire_in)
+
+    @_wrap
+    async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
+        client = await self._client()
+        raw = await client.get(group_uuid)
+        return decode_group_meta(raw) if raw is not None else None
+
+    @_wrap
+    async def group_member_done(self, group_uuid: str, task_uuid: str, total: int, failed: bool) -> GroupProgress:
+        client = await self._client()
+        done, nfailed, counted = await MEMBER_DONE(
+            client, [self._progress_key(group_uuid)], [task_uuid, int(failed), self.expire_in])
+        return GroupProgress(int(done), int(nfailed), bool(counted))
+
+    @_wrap
+    async def trigger_chord(self, group_uuid: str) -> bool:
+        client = await self._client()
+        token = uuid.uuid4().hex
+        keys = [group_uuid, self._progress_key(group_uuid)]
+        deadline = time.monotonic() + self.mutex_wait
+        while True:
+            if self._cluster:  # the mutex is in another slot: take it as redsync does
+                if await client.set(CHORD_MUTEX, token, nx=True, px=8000):
+                    try:
+                        result = await TRIGGER(client, keys, [token, self.expire_in])
+                    finally:
+                        await UNLOCK(client, [CHORD_MUTEX], [token])
+                else:
+                    result = -1
+            else:
+                result = await TRIGGER(client, [*keys, CHORD_MUTEX], [token, self.expire_in])
+            if result != -1:
+                return bool(result == 1)
+            if time.monotonic() >= deadline:
+                raise BackendError(f"trigger_chord {group_uuid}: {CHORD_MUTEX} stayed locked for {self.mutex_wait}s")
+            await asyncio.sleep(random.uniform(0.05, 0.25))  # redsync's retry delay
+
+    @_wrap
+    async def purge_group_meta(self, group_uuid: str) -> None:
+        client = await self._client()
+        await client.delete(group_uuid, self._progress_key(group_uuid))
+
+    # --- waiting ---------------------------------------------------------------------------
+
+    async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
+        """Woken by the PUBLISH that stores the final state; a backed-off re-read covers states
+        written by Go (which does not publish) and a lost pub/sub connection."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            async with asyncio.timeout(timeout):  # also bounds a hung connection
+                return await self._wait(task_uuid, deadline)
+        except TimeoutError:
+            return None
+
+    @_wrap
+    async def _wait(self, task_uuid: str, deadline: float | None) -> TaskState | None:
+        state = await self.get_state(task_uuid)
+        if state is not None and state.is_completed():
+            return state
+        if cancel_requested():  # our timeout (turned into None above) or the caller's cancel
+            raise asyncio.CancelledError
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        client = await self._client()
+        notifier = self._notifiers.get(lambda: _Notifier(client))
+        channel = (CHANNEL_PREFIX + task_uuid).encode()
+        waiter = _Waiter()
+        await notifier.add(channel, waiter)
+        try:
+            recheck = 0.25
+            while True:
+                step = recheck
+                if deadline is not None:
+                    step = min(step, deadline - time.monotonic())
+                    if step <= 0:
+                        return None
+                try:
+                    await asyncio.wait_for(waiter.event.wait(), step)
+                except TimeoutError:
+                    recheck = min(recheck * 2, 1.0)
+                waiter.event.clear()
+                data, waiter.data = waiter.data, None
+                if data is not None:
+                    state = decode_state(data)
+                    if state.is_completed():
+                        return state
+                if cancel_requested():
+                    raise asyncio.CancelledError
+                state = await self.get_state(task_uuid)
+                if state is not None and state.is_completed():
+                    return state
+        finally:
+            notifier.remove(channel, waiter)
+
+    async def close(self) -> None:
+        notifier = self._notifiers.pop_current()
+        if notifier is not None:
+            await notifier.close()
+        await self._clients.close()
+
+
+def _state_arg(s: TaskState) -> bytes:
+    """The script's argument for one state: a flag digit and the JSON, cut open (NUL-separated) at
+    the TaskName and CreatedAt values that the script fills from the stored state."""
+    flags = 4 if s.is_completed() else 0
+    merge_name = not s.task_name and s.state != PENDING
+    merge_created = s.created_at is None and s.state != PENDING
+    raw = encode_state(s)
+    if not (merge_name or merge_created):
+        return _FLAG[flags] + raw
+    # the keys occur once: inside JSON strings a quote is always escaped
+    i = raw.index(_NAME_KEY) + len(_NAME_KEY) if merge_name else 0
+    j = raw.rindex(_CREATED_KEY) + len(_CREATED_KEY) if merge_created else len(raw)
+    name = raw[i:i + 2] if merge_name else b""  # b'""'
+    created = raw[j:j + len(_ZERO_TOKEN)] if merge_created else b""
+    flags |= (1 if merge_name else 0) | (2 if merge_created else 0)
+    return _FLAG[flags] + b"\0".join((raw[:i], name, raw[i + len(name):j], created, raw[j + len(created):]))
+
+
+_FLAG = [str(n).encode() for n in range(8)]
+
+
+class _Waiter:
+    __slots__ = ("data", "event")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.data: bytes | None = None
+
+    def wake(self, data: bytes | None) -> None:
+        if data is not None:
+            self.data = data
+        self.event.set()
+
+
+class _Notifier:
+    """One pub/sub connection per event loop, shared by all waiters on it.
+
+    Every subscribe confirmation (first subscribe, and the resubscribe after a reconnect) wakes the
+    channel's waiters to re-read the state, so a completion published while not subscribed is
+    still seen.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._pubsub = client.pubsub()
+        self._channels: dict[bytes, set[_Waiter]] = {}
+        self._confirmed: set[bytes] = set()
+        self._lock = asyncio.Lock()  # orders SUBSCRIBE / UNSUBSCRIBE on the connection
+        self._reader: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def add(self, channel: bytes, waiter: _Waiter) -> None:
+        waiters = self._channels.get(channel)
+        if waiters is not None:
+            waiters.add(waiter)
+            if channel in self._confirmed:
+                waiter.wake(None)
+            return
+        self._channels[channel] = {waiter}
+        self._confirmed.discard(channel)
+        try:
+            async with self._lock:
+                await self._pubsub.subscribe(channel)
+        except BaseException:
+            self.remove(channel, waiter)
+            raise
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    def remove(self, channel: bytes, waiter: _Waiter) -> None:
+        waiters = self._channels.get(channel)
+        if waiters is None:
+            return
+        waiters.discard(waiter)
+        if not waiters:
+            del self._channels[channel]
+            self._confirmed.discard(channel)
+            task = asyncio.get_running_loop().create_task(self._unsubscribe(channel))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _unsubscribe(self, channel: bytes) -> None:
+        async with self._lock:
+            if channel not in self._channels:
+                with contextlib.suppress(Exception):
+                    await self._pubsub.unsubscribe(channel)
+
+    async def _read(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                msg = await self._pubsub.get_message(timeout=None)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # connection trouble: redis-py reconnects and resubscribes
+                for group in list(self._channels.values()):
+                    for w in group:
+                        w.wake(None)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            backoff = 0.05
+            if not msg:
+                continue
+            kind, channel = msg["type"], msg["channel"]
+            waiters = self._channels.get(channel)
+            if waiters is None:
+                continue
+            if kind == "message":
+                for w in waiters:
+                    w.wake(msg["data"])
+            elif kind == "subscribe":
+                self._confirmed.add(channel)
+                for w in waiters:
+                    w.wake(None)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+        with contextlib.suppress(Exception):
+            await self._pubsub.aclose()

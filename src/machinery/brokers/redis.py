@@ -1,0 +1,392 @@
+"""Redis broker: Go Machinery's lists and delayed zset, plus acks and leases Go does not have.
+
+Wire layout as Go: RPUSH the signature JSON to the list named by its RoutingKey; delayed messages
+in the zset `delayed_tasks` (score = ETA in Unix ns, member = the JSON). Go pops with BLPOP and
+loses whatever a dying worker held; here a message leaves its list only into the queue's in-flight
+hash, with a lease deadline per message (atomically, by one Lua script per fetch; a blocked fetch
+first BLMOVEs one message into its own landing list, which that script drains). ack() removes it
+once its final state is stored; renew() extends the leases of long tasks; a lease that lapses puts
+the message back at the head of its queue at the next fetch by any consumer of that queue.
+See _redis_lua.py for the key layout.
+
+Needs Redis >= 6.2 (LMOVE, BLMOVE, LPOP with a count).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from redis.exceptions import ConnectionError as _RConnectionError
+from redis.exceptions import TimeoutError as _RTimeoutError
+
+from machinery._redis import (
+    Batch,
+    Client,
+    Clients,
+    cancel_requested,
+    parse_redis_url,
+    same_slot,
+    tagged,
+    wrap_errors,
+)
+from machinery.brokers import _redis_lua as lua
+from machinery.brokers.base import Broker, Delivery
+from machinery.errors import BrokerError
+from machinery.tasks import gojson
+
+if TYPE_CHECKING:
+    from machinery.config import Config
+    from machinery.tasks.signature import Signature
+
+DEAD_LETTER_KEY = "machinery:dead_letters"
+_WS = b" \t\n\r"
+
+
+class _Keys:
+    """The keys of one queue, in the queue's hash slot."""
+
+    __slots__ = ("claim", "consumers", "inflight", "landing", "landing_prefix", "leases", "queue", "redelivered")
+
+    def __init__(self, queue: str, consumer: str) -> None:
+        self.queue = queue
+        self.inflight = tagged(queue, ":machinery:inflight")
+        self.leases = tagged(queue, ":machinery:leases")
+        self.landing_prefix = tagged(queue, ":machinery:landing:")
+        self.landing = self.landing_prefix + consumer
+        self.consumers = tagged(queue, ":machinery:consumers")
+        self.redelivered = tagged(queue, ":machinery:redelivered")
+        seq = tagged(queue, ":machinery:seq")
+        self.claim = [queue, self.landing, self.consumers, self.inflight, self.leases, self.redelivered, seq]
+
+
+class _DeadLetter(msgspec.Struct, rename="pascal"):
+    queue: str
+    reason: str
+    time: str
+    body: str
+    encoding: str = "utf-8"
+
+
+_DL_ENC = msgspec.json.Encoder()
+_DL_DEC = msgspec.json.Decoder(_DeadLetter)
+_wrap = wrap_errors(BrokerError, "redis broker")
+_TRANSIENT = (OSError, _RConnectionError, _RTimeoutError)
+
+
+class RedisBroker(Broker):
+    """Reliable Redis broker, wire-compatible with Go Machinery's redis broker."""
+
+    #: messages moved per delayed-set step; expired leases and dead consumers reaped per fetch
+    move_batch = 1000
+    reap_limit = 1000
+
+    def __init__(self, cnf: Config, url: str = "") -> None:
+        super().__init__(cnf, url or cnf.broker)
+        self.target = parse_redis_url(self.url, cnf, "broker")
+        #: seconds a fetched message stays claimed without renew(); the worker renews well within it
+        self.lease_seconds: float | None = 30.0
+        self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.delayed_key = cnf.redis.delayed_tasks_key or "delayed_tasks"
+        self.moving_key = tagged(self.delayed_key, ":machinery:moving")
+        self.dead_letter_key = DEAD_LETTER_KEY
+        self._clients = Clients(self.target, cnf)
+        self._keys: dict[str, _Keys] = {}
+        self._next_move = 0.0  # monotonic time of the next look at the delayed set
+        period = cnf.redis.delayed_tasks_poll_period or 500
+        self._move_period = period / 1000.0
+        self._cluster = self.target.cluster
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    async def _client(self) -> Client:
+        return await self._clients.get()
+
+    def _queue_keys(self, queue: str) -> _Keys:
+        keys = self._keys.get(queue)
+        if keys is None:
+            keys = _Keys(queue, self.consumer_id)
+            if self._cluster and not same_slot(queue, keys.consumers):
+                raise BrokerError(f"queue name {queue!r} has a hash tag this broker cannot share a slot with")
+            self._keys[queue] = keys
+        return keys
+
+    def _lease_ms(self) -> int:
+        return max(1, int((self.lease_seconds or 30.0) * 1000))
+
+    def _route(self, sig: Signature) -> str:
+        return sig.routing_key or self.cnf.default_queue
+
+    # --- publish ---------------------------------------------------------------------------
+
+    @_wrap
+    async def publish(self, sig: Signature, body: bytes, eta_ns: int | None) -> None:
+        client = await self._client()
+        if eta_ns is not None and eta_ns > time.time_ns():
+            await lua.DELAY(client, [self.delayed_key], [_seed(), eta_ns, body])
+            self._note_eta(eta_ns)
+        else:
+            await client.rpush(self._route(sig), body)
+
+    @_wrap
+    async def publish_many(self, items: Sequence[tuple[Signature, bytes, int | None]]) -> None:
+        now = time.time_ns()
+        ready: dict[str, list[bytes]] = {}
+        later: list[Any] = []
+        for sig, body, eta_ns in items:
+            if eta_ns is not None and eta_ns > now:
+                later += (eta_ns, body)
+                self._note_eta(eta_ns)
+            else:
+                ready.setdefault(self._route(sig), []).append(body)
+        batch = Batch()
+        for queue, bodies in ready.items():
+            batch.command("RPUSH", queue, *bodies)
+        if later:
+            batch.script(lua.DELAY, [self.delayed_key], [_seed(), *later])
+        if batch:
+            await batch.run(await self._client())
+
+    def _note_eta(self, eta_ns: int) -> None:
+        at = time.monotonic() + max(0.0, (eta_ns - time.time_ns()) / 1e9)
+        self._next_move = min(self._next_move, at)
+
+    # --- consume ---------------------------------------------------------------------------
+
+    @_wrap
+    async def fetch(self, queue: str, max_count: int, wait: float) -> list[Delivery]:
+        """Claim up to max_count in one round trip; else block up to `wait` (BLMOVE wakes on a publish)."""
+        client = await self._client()
+        keys = self._queue_keys(queue)
+        deadline = time.monotonic() + max(0.0, wait)
+        max_count = max(1, max_count)
+        backoff = 0.05
+        while True:
+            try:
+                if time.monotonic() >= self._next_move:
+                    await self._move_due(client)
+                got, next_lease = await self._claim(client, keys, max_count)
+                if got:
+                    return got
+                if cancel_requested():
+                    raise asyncio.CancelledError
+                now = time.monotonic()
+                left = deadline - now
+                if left <= 0:
+                    return []
+                # wake for the next delayed message and the next lease to lapse, as well as a publish
+                block = min(left, self._next_move - now, self._block_cap(), next_lease)
+                if block < 0.001:
+                    await asyncio.sleep(max(0.0, block))
+                    continue
+                if await client.blmove(queue, keys.landing, round(block, 3), "LEFT", "RIGHT") is None:
+                    if cancel_requested():
+                        raise asyncio.CancelledError
+                    continue
+                got, _ = await self._claim(client, keys, max_count)  # also when cancelled: it is claimed
+                if got:
+                    return got
+            except _TRANSIENT as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerError(f"redis broker fetch from {queue!r}: {exc}") from exc
+                await asyncio.sleep(min(backoff, left))
+                backoff = min(backoff * 2, 1.0)
+
+    def _block_cap(self) -> float:
+        """Block well inside both the lease (set just before) and the socket read timeout."""
+        cap = (self.lease_seconds or 30.0) / 2
+        read = self.cnf.redis.read_timeout
+        if read:
+            cap = min(cap, max(0.05, read - 1.0))
+        return cap
+
+    async def _claim(self, client: Client, keys: _Keys, count: int) -> tuple[list[Delivery], float]:
+        """One round trip: reap lapsed leases, claim up to `count`; also seconds to the next lapse."""
+        ids, bodies, counts, next_ms = await lua.CLAIM(
+            client, keys.claim, [self.consumer_id, self._lease_ms(), count, keys.landing_prefix, self.reap_limit])
+        next_lease = next_ms / 1000.0 if next_ms >= 0 else float("inf")
+        if not counts:
+            return [Delivery(b, keys.queue, i) for i, b in zip(ids, bodies, strict=True)], next_lease
+        return [
+            Delivery(b, keys.queue, i, redelivered=c > 0, attempts=c + 1)
+            for i, b, c in zip(ids, bodies, counts, strict=True)
+        ], next_lease
+
+    @_wrap
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        batch = Batch()
+        for queue, ids in _group(deliveries).items():
+            keys = self._queue_keys(queue)
+            batch.script(lua.ACK, [keys.inflight, keys.leases, keys.redelivered], ids)
+        if batch:
+            await batch.run(await self._client())
+
+    @_wrap
+    async def renew(self, deliveries: Sequence[Delivery]) -> None:
+        """Extend the leases of these deliveries (one round trip); lapsed ones are not revived."""
+        batch = Batch()
+        for queue, ids in _group(deliveries).items():
+            batch.script(lua.RENEW, [self._queue_keys(queue).leases], [self._lease_ms(), *ids])
+        if batch:
+            await batch.run(await self._client())
+
+    @_wrap
+    async def requeue(self, deliveries: Sequence[Delivery], delay: float = 0.0) -> None:
+        """Back to the tail of their queue, or into the delayed set; only messages still claimed."""
+        client = await self._client()
+        groups = _group(deliveries)
+        batch = Batch()
+        if delay <= 0:
+            for queue, ids in groups.items():
+                keys = self._queue_keys(queue)
+                batch.script(lua.RETURN, [keys.inflight, keys.leases, queue, keys.redelivered], ["push", 0, 0, *ids])
+            if batch:
+                await batch.run(client)
+            return
+        eta_ns = time.time_ns() + int(delay * 1e9)
+        if not self._cluster:
+            for queue, ids in groups.items():
+                keys = self._queue_keys(queue)
+                batch.script(lua.RETURN, [keys.inflight, keys.leases, self.delayed_key, keys.redelivered],
+                             ["delay", eta_ns, _seed(), *ids])
+        else:  # other slots: delayed set first, then release (a crash between can only duplicate)
+            pairs = [x for d in deliveries if d.receipt is not None for x in (eta_ns, d.body)]
+            if pairs:
+                await lua.DELAY(client, [self.delayed_key], [_seed(), *pairs])
+            for queue, ids in groups.items():
+                keys = self._queue_keys(queue)
+                batch.script(lua.RETURN, [keys.inflight, keys.leases, keys.leases, keys.redelivered],
+                             ["drop", 0, 0, *ids])
+        if batch:
+            await batch.run(client)
+        self._note_eta(eta_ns)
+
+    @_wrap
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        keys = self._queue_keys(delivery.queue)
+        entry = _encode_dead(delivery, reason)
+        client = await self._client()
+        if delivery.receipt is None:  # not claimed through this broker: record it anyway
+            await client.rpush(self.dead_letter_key, entry)
+        elif not self._cluster:
+            await lua.DEAD_LETTER(client, [keys.inflight, keys.leases, self.dead_letter_key, keys.redelivered],
+                                  [delivery.receipt, entry])
+        else:  # other slots: record first, then release (a crash between can only duplicate)
+            await client.rpush(self.dead_letter_key, entry)
+            await lua.ACK(client, [keys.inflight, keys.leases, keys.redelivered], [delivery.receipt])
+
+    # --- delayed messages ------------------------------------------------------------------
+
+    async def _move_due(self, client: Client) -> None:
+        """Move every due delayed message to its queue, in batches, atomically (see _redis_lua)."""
+        next_score: Any = None
+        for _ in range(16):
+            now_ns = time.time_ns()
+            if self._cluster:
+                moved, next_score = await self._move_due_cluster(client, now_ns)
+            else:
+                moved, next_score = await lua.MOVE_DUE(
+                    client, [self.delayed_key], [now_ns, self.move_batch, self.cnf.default_queue])
+            if moved < self.move_batch:
+                break
+        wait = self._move_period
+        if next_score is not None:
+            wait = min(wait, max(0.0, (float(next_score) - time.time_ns()) / 1e9))
+        self._next_move = time.monotonic() + wait
+
+    async def _move_due_cluster(self, client: Client, now_ns: int) -> tuple[int, Any]:
+        pairs, next_score = await lua.CLAIM_DUE(
+            client, [self.delayed_key, self.moving_key],
+            [now_ns, self.move_batch, self._lease_ms(), self.cnf.default_queue])
+        if not pairs:
+            return 0, next_score
+        ready: dict[str, list[bytes]] = {}
+        members = pairs[1::2]
+        for queue, member in zip(pairs[0::2], members, strict=True):
+            ready.setdefault(queue.decode(), []).append(member.rstrip(_WS))
+        batch = Batch()
+        for queue, bodies in ready.items():
+            batch.command("RPUSH", queue, *bodies)
+        await batch.run(client)
+        await client.zrem(self.moving_key, *members)
+        return len(members), next_score
+
+    # --- inspection ------------------------------------------------------------------------
+
+    @_wrap
+    async def pending(self, queue: str) -> list[bytes]:
+        client = await self._client()
+        items: list[bytes] = await client.lrange(queue, 0, -1)
+        return items
+
+    @_wrap
+    async def delayed(self) -> list[bytes]:
+        client = await self._client()
+        items: list[bytes] = await client.zrange(self.delayed_key, 0, -1)
+        return [m.rstrip(_WS) for m in items]
+
+    @_wrap
+    async def dead_letters(self) -> list[tuple[bytes, str]]:
+        out: list[tuple[bytes, str]] = []
+        client = await self._client()
+        for raw in await client.lrange(self.dead_letter_key, 0, -1):
+            try:
+                e = _DL_DEC.decode(raw)
+            except msgspec.DecodeError:
+                out.append((raw, "unreadable dead-letter entry"))
+                continue
+            body = e.body.encode() if e.encoding == "utf-8" else _b64decode(e.body)
+            out.append((body, e.reason))
+        return out
+
+    @_wrap
+    async def inflight(self, queue: str) -> list[bytes]:
+        """Bodies claimed from `queue` by any consumer and not yet acked (for tests and tools)."""
+        client = await self._client()
+        items: list[bytes] = await client.hvals(self._queue_keys(queue).inflight)
+        return items
+
+    async def close(self) -> None:
+        """Release the current loop's connections (claims stay until acked or their leases lapse)."""
+        await self._clients.close()
+
+
+def _group(deliveries: Sequence[Delivery]) -> dict[str, list[Any]]:
+    """Receipt ids by queue; deliveries without a receipt were not claimed here and are skipped."""
+    out: dict[str, list[Any]] = {}
+    for d in deliveries:
+        if d.receipt is not None:
+            out.setdefault(d.queue, []).append(d.receipt)
+    return out
+
+
+def _seed() -> int:
+    return random.randrange(1, 1 << 30)
+
+
+def _encode_dead(d: Delivery, reason: str) -> bytes:
+    try:
+        text, enc = d.body.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        import base64
+
+        text, enc = base64.b64encode(d.body).decode(), "base64"
+    now = gojson.format_time(datetime.now(UTC))
+    return _DL_ENC.encode(_DeadLetter(queue=d.queue, reason=reason, time=now, body=text, encoding=enc))
+
+
+def _b64decode(text: str) -> bytes:
+    import base64
+
+    return base64.b64decode(text)
+
+

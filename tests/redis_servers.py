@@ -1,0 +1,209 @@
+"""Redis servers for the tests: the shared one on 6379, private instances and a private Cluster.
+
+The shared server is used on db 15 (MACHINERY_TEST_REDIS_URL overrides it). Private servers are
+child processes of the test run on free ports in a temp dir, so fault tests can kill and restart
+them without disturbing anything else. With CI=true an unreachable server fails the test.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REDIS_URL = os.environ.get("MACHINERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally, fail in CI."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: an unreachable server is a failure, not a skip)")
+    pytest.skip(reason)
+
+
+def ping(url: str = REDIS_URL, timeout: float = 2.0, password: str = "") -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                      password=password or None)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+def require_redis(url: str = REDIS_URL) -> None:
+    if not ping(url):
+        unavailable(f"Redis is not reachable at {url}")
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        unavailable(f"{name} is not installed")
+        raise AssertionError("unreachable")
+    return path
+
+
+def free_port(also_plus: int = 0) -> int:
+    """A free TCP port on 127.0.0.1 (and port+also_plus free too, for a cluster bus)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if also_plus and (port + also_plus > 65535 or not _is_free(port + also_plus)):
+            continue
+        return port
+    raise RuntimeError("no free port found")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_ping(port: int, deadline_s: float = 10.0, password: str = "") -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if ping(f"redis://127.0.0.1:{port}/0", timeout=0.5, password=password):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"redis-server on port {port} did not come up")
+
+
+class PrivateRedis:
+    """A redis-server child process; stop() and start() again keep its port and data dir."""
+
+    def __init__(self, directory: Path, *extra: str, port: int | None = None, config: str = "",
+                 password: str = "") -> None:
+        self.binary = require_binary("redis-server")
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.extra = extra
+        self.config = config  # a config file's text (e.g. a Sentinel's), written to the data dir
+        self.password = password  # for the readiness ping
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        args = [self.binary]
+        if self.config:
+            conf = self.dir / "redis.conf"
+            conf.write_text(self.config)
+            args.append(str(conf))
+        args += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--daemonize", "no",
+                 *self.extra]
+        if not any(a == "--sentinel" for a in self.extra):
+            args += ["--save", ""]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_ping(self.port, password=self.password)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final save."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
+class PrivateCluster:
+    """Three masters, no replicas, on free ports; ready when every node says cluster_state:ok."""
+
+    def __init__(self, directory: Path, nodes: int = 3) -> None:
+        self.dir = directory
+        self.nodes = [
+            PrivateRedis(directory / f"n{i}", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                         "--cluster-node-timeout", "2000", "--appendonly", "no", port=free_port(also_plus=10000))
+            for i in range(nodes)
+        ]
+
+    @property
+    def url(self) -> str:
+        """Go Machinery's multi-host form: comma-separated hosts mean a cluster."""
+        return "redis://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> PrivateCluster:
+        for node in self.nodes:
+            for stale in ("nodes.conf", "appendonly.aof", "dump.rdb"):
+                with contextlib.suppress(FileNotFoundError):
+                    (node.dir / stale).unlink()
+            node.start()
+        cli = require_binary("redis-cli")
+        hosts = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run([cli, "--cluster", "create", *hosts, "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        deadline = time.monotonic() + 30
+        import redis
+
+        while time.monotonic() < deadline:
+            states = []
+            for n in self.nodes:
+                client = redis.Redis(port=n.port, socket_timeout=1)
+                try:
+                    states.append(b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO"))
+                except Exception:
+                    states.append(False)
+                finally:
+                    client.close()
+            if all(states):
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("the private Redis Cluster did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+_cluster_lock = threading.Lock()
+_cluster: list[PrivateCluster] = []
+
+
+def shared_cluster() -> PrivateCluster:
+    """One private cluster per test run, started on first use and stopped at exit."""
+    with _cluster_lock:
+        if not _cluster:
+            require_binary("redis-server")
+            require_binary("redis-cli")
+            directory = Path(tempfile.mkdtemp(prefix="machinery-redis-cluster-"))
+            cluster = PrivateCluster(directory).start()
+
+            def stop() -> None:
+                cluster.stop()
+                shutil.rmtree(directory, ignore_errors=True)
+
+            atexit.register(stop)
+            _cluster.append(cluster)
+        return _cluster[0]
