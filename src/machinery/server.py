@@ -145,8 +145,11 @@ class Server:
                 groups.setdefault(sig.group_uuid, []).append(sig.uuid)
         for group_uuid, members in groups.items():
             await self._backend.init_group(group_uuid, members)
-        await self._backend.set_states(states)
-        await self._broker.publish_many(items)
+        if self._backend.conditional_pending:
+            await asyncio.gather(self._backend.set_pending(states), self._broker.publish_many(items))
+        else:
+            await self._backend.set_pending(states)
+            await self._broker.publish_many(items)
 
     async def asend_task(self, sig: Signature) -> AsyncResult:
         """Send one task; it runs now, or at `sig.eta`."""

@@ -314,3 +314,17 @@ async def test_wait_completed_times_out_with_none(backend: Backend) -> None:
     start = time.monotonic()
     assert await backend.wait_completed(new_uuid(), 0.0) is None
     assert time.monotonic() - start < 1.0
+
+
+async def test_set_pending(backend: Backend) -> None:
+    """PENDING is stored for a new task; a conditional backend never lets it replace a later state."""
+    fresh, done = new_uuid(), new_uuid()
+    await backend.set_pending([TaskState(fresh, "PENDING", task_name="t")])
+    stored = await backend.get_state(fresh)
+    assert stored is not None and stored.state == "PENDING" and stored.task_name == "t"
+    await backend.set_state(success(done, TaskResult("int64", 1)))
+    await backend.set_pending([TaskState(done, "PENDING", task_name="t")])
+    after = await backend.get_state(done)
+    assert after is not None
+    if backend.conditional_pending:
+        assert after.state == "SUCCESS"

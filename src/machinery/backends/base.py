@@ -32,6 +32,10 @@ class GroupProgress:
 class Backend(ABC):
     """Stores states (Go's TaskState JSON where the store is Go-compatible) and group metadata."""
 
+    #: True when set_pending() never overwrites a stored state: a send may then store PENDING and
+    #: publish at the same time (one round trip of latency instead of two).
+    conditional_pending: bool = False
+
     def __init__(self, cnf: Config, url: str = "") -> None:
         self.cnf = cnf
         self.url = url
@@ -90,6 +94,10 @@ class Backend(ABC):
 
     async def get_state(self, task_uuid: str) -> TaskState | None:
         return (await self.get_states([task_uuid]))[0]
+
+    async def set_pending(self, states: Sequence[TaskState]) -> None:
+        """Store the PENDING states of tasks being sent (drivers may store them only where absent)."""
+        await self.set_states(states)
 
     async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
         """Wait until the task is SUCCESS or FAILURE; None when the timeout passes first.

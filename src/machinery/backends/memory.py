@@ -28,6 +28,8 @@ class _Group:
 
 
 class MemoryBackend(Backend):
+    conditional_pending = True
+
     def __init__(self, cnf: Config, url: str = "memory://") -> None:
         super().__init__(cnf, url)
         self._lock = threading.Lock()
@@ -47,6 +49,14 @@ class MemoryBackend(Backend):
                     completed.append(s.task_uuid)
         for uuid in completed:
             self._waiters.notify(uuid)
+
+    async def set_pending(self, states: Sequence[TaskState]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for s in states:
+                item = self._states.get(s.task_uuid)
+                if item is None or item[0] <= now:
+                    self._states[s.task_uuid] = (self._expiry(), s)
 
     async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
         now = time.monotonic()

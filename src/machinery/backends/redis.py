@@ -156,6 +156,7 @@ _wrap = wrap_errors(BackendError, "redis backend")
 class RedisBackend(Backend):
     """Go-compatible Redis result backend with atomic group counting and wake-on-completion."""
 
+    conditional_pending = True
     #: states per script call in standalone mode (the whole batch still goes in one round trip)
     chunk = 256
     #: how long trigger_chord waits for a Go worker holding TriggerChordMutex (its expiry is 8 s)
@@ -190,6 +191,16 @@ class RedisBackend(Backend):
             for i in range(0, len(states), self.chunk):
                 part = states[i:i + self.chunk]
                 batch.script(SET_STATES, [s.task_uuid for s in part], [*head, *map(_state_arg, part)])
+        await batch.run(await self._client())
+
+    @_wrap
+    async def set_pending(self, states: Sequence[TaskState]) -> None:
+        """PENDING only where no state is stored yet (SET NX), so it may race the publish safely."""
+        if not states:
+            return
+        batch = Batch()
+        for s in states:
+            batch.command("SET", s.task_uuid, encode_state(s), "EX", self.expire_in, "NX")
         await batch.run(await self._client())
 
     @_wrap
