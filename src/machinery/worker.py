@@ -15,7 +15,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ from machinery.tasks import gojson
 from machinery.tasks.gotypes import to_wire
 from machinery.tasks.signature import Arg, Signature, decode_signature, encode_signature
 from machinery.tasks.state import FAILURE, RECEIVED, RETRY, STARTED, SUCCESS, TaskResult, TaskState
+from machinery.threads import SyncRunner
 
 if TYPE_CHECKING:
     from machinery.brokers.base import Delivery
@@ -62,7 +62,7 @@ class Worker:
         self._signals = 0
         self._active: dict[asyncio.Task[None], Delivery] = {}
         self._slot_freed: asyncio.Event | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: SyncRunner | None = None
         self._committer: Committer | None = None
         self._last_unknown_log = 0.0
         self.processed = 0
@@ -155,7 +155,7 @@ class Worker:
         self._signals = 0
         self._stopped.clear()
         threads = self.concurrency or UNLIMITED_THREADS
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"machinery-{self.tag}")
+        self._pool = SyncRunner(loop, threads, f"machinery-{self.tag}")
         broker, backend = self.server.get_broker(), self.server.get_backend()
         self._committer = Committer(backend, broker)
         if _signals:
@@ -193,7 +193,7 @@ class Worker:
             if _signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown()
             await asyncio.gather(broker.close(), backend.close(), return_exceptions=True)
             log.info("worker %s stopped", self.tag)
             self._stopped.set()
@@ -326,7 +326,7 @@ class Worker:
                 returned = await spec.fn(*args)
             else:
                 assert self._pool is not None
-                returned = await asyncio.get_running_loop().run_in_executor(self._pool, _call, spec.fn, args)
+                returned = await self._pool.run(spec.fn, args)
             results = spec.make_results(returned)
             for r in results:
                 to_wire(r.type, r.value)
@@ -442,10 +442,6 @@ class Worker:
             await _maybe_await(fn(arg))
         except Exception as exc:
             get_logger().error("handler %r raised: %s", fn, exc)
-
-
-def _call(fn: Callable[..., Any], args: list[Any]) -> Any:
-    return fn(*args)
 
 
 async def _maybe_await(value: Any) -> Any:
