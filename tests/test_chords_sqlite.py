@@ -2,10 +2,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from machinery import Config
 from test_cli import env_for
 from workflow_load import chords_fire_exactly_once
-
-from machinery import Config
 
 
 def test_chords_fire_exactly_once_over_two_processes(tmp_path: Path) -> None:

@@ -37,8 +37,8 @@ def db(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def worker(db: Path) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(CLI + ["worker", "--app", "apps.envapp:server", "--processes", "2",
-                                   "--concurrency", "4"], env=env_for(db), text=True)
+    args = [*CLI, "worker", "--app", "apps.envapp:server", "--processes", "2", "--concurrency", "4"]
+    proc = subprocess.Popen(args, env=env_for(db), text=True)
     try:
         yield proc
     finally:
@@ -103,7 +103,7 @@ def test_bad_app_is_a_clear_error(db: Path) -> None:
 
 
 def test_example_runs(tmp_path: Path) -> None:
-    out = subprocess.run(CLI + ["example", "--db", str(tmp_path / "ex.sqlite3")], capture_output=True,
+    out = subprocess.run([*CLI, "example", "--db", str(tmp_path / "ex.sqlite3")], capture_output=True,
                          text=True, timeout=120, env=env_for(tmp_path / "unused"), check=False)
     assert out.returncode == 0, out.stderr
     assert "chord multiply(add(1,1), add(5,5)) = 20" in out.stdout
@@ -122,7 +122,7 @@ def test_worker_sigkill_loses_nothing(db: Path, tmp_path: Path) -> None:
     server = Server(Config(broker=url, result_backend=url))
     try:
         results = server.send_tasks([Signature("sleepy", [0.02, i]) for i in range(300)])
-        victim = subprocess.Popen(CLI + ["worker", "--app", "apps.envapp:server", "--concurrency", "8"],
+        victim = subprocess.Popen([*CLI, "worker", "--app", "apps.envapp:server", "--concurrency", "8"],
                                   env=env, text=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 40):
@@ -131,7 +131,7 @@ def test_worker_sigkill_loses_nothing(db: Path, tmp_path: Path) -> None:
         victim.wait()
         started_before_kill = len(log.read_text().splitlines())
         assert 40 <= started_before_kill < 300
-        rescuer = subprocess.Popen(CLI + ["worker", "--app", "apps.envapp:server", "--concurrency", "8"],
+        rescuer = subprocess.Popen([*CLI, "worker", "--app", "apps.envapp:server", "--concurrency", "8"],
                                    env=env, text=True)
         try:
             assert sorted(r.get(timeout=90) for r in results) == list(range(300))
@@ -147,7 +147,7 @@ def test_worker_sigkill_loses_nothing(db: Path, tmp_path: Path) -> None:
 
 def _start_worker(db: Path, tmp_path: Path, log: Path) -> subprocess.Popen[str]:
     env = env_for(db, MACHINERY_TEST_LOG=str(log))
-    return subprocess.Popen(CLI + ["worker", "--app", "apps.envapp:server", "--concurrency", "2"], env=env, text=True)
+    return subprocess.Popen([*CLI, "worker", "--app", "apps.envapp:server", "--concurrency", "2"], env=env, text=True)
 
 
 def _wait_started(log: Path, count: int = 1, timeout: float = 30) -> None:

@@ -1,8 +1,7 @@
 from pathlib import Path
 
-from scenarios import ScenarioSuite
-
 from machinery import Config
+from scenarios import ScenarioSuite
 
 
 class TestMemoryScenarios(ScenarioSuite):

@@ -97,7 +97,7 @@ def test_pre_consume_false_pauses_consumption() -> None:
     server.close()
 
 
-class running_worker_obj:  # noqa: N801 - a tiny context manager for an existing worker
+class running_worker_obj:
     def __init__(self, worker: Any) -> None:
         self.worker = worker
 

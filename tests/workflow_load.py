@@ -15,8 +15,8 @@ CLI = [sys.executable, "-m", "machinery"]
 
 def chords_fire_exactly_once(cnf: Config, env: dict[str, str], log: Path, chords: int = 200,
                              members: int = 5) -> None:
-    workers = subprocess.Popen(CLI + ["worker", "--app", "apps.envapp:server", "--processes", "2",
-                                      "--concurrency", "16"], env=env, text=True)
+    args = [*CLI, "worker", "--app", "apps.envapp:server", "--processes", "2", "--concurrency", "16"]
+    workers = subprocess.Popen(args, env=env, text=True)
     server = Server(cnf)
     try:
         results = []

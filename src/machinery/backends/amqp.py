@@ -7,11 +7,11 @@ Layout (what a Go AsyncResult and a Go worker read and write):
   UUID as key. States go through that exchange (direct or topic, as Go does); with a fanout or headers
   exchange they go through the default exchange instead, so they never land in task queues.
   Being Go's transient queues, states do not survive a RabbitMQ restart.
-* Reading takes every message with basic.get (no ack), answers with the last completed state (else
-  the last one), acks the older messages and puts the rest back with basic.recover: reading twice
-  gives the same answer and the queue stays short. Go's GetState consumed the oldest state per call.
-  Two readers of one task in different processes may briefly see no state while the other holds it;
-  readers in one process share a single read.
+* Reading takes every message with basic.get (no ack), answers with the latest state (see _latest),
+  acks the older messages and puts the rest back at their positions (basic.nack, requeue): reading
+  twice gives the same answer and the queue stays short. Go's GetState consumed the oldest state per
+  call. Two readers of one task in different processes may briefly see no state while the other
+  holds it; readers in one process share a single read.
 * wait_completed binds one exclusive queue per connection to the exchange with the UUID as key and
   wakes on the completing state (Go workers' writes included), re-checking every few seconds.
 
@@ -51,7 +51,14 @@ from machinery.backends.base import Backend, GroupProgress
 from machinery.brokers.base import PerLoop
 from machinery.errors import BackendError, DecodeError
 from machinery.log import get_logger
-from machinery.tasks.state import GroupMeta, TaskState, decode_group_meta, decode_state, encode_group_meta
+from machinery.tasks.state import (
+    PENDING,
+    GroupMeta,
+    TaskState,
+    decode_group_meta,
+    decode_state,
+    encode_group_meta,
+)
 
 if TYPE_CHECKING:
     from machinery.config import Config
@@ -279,7 +286,7 @@ class AMQPBackend(Backend):
                 except DecodeError as exc:
                     get_logger().warning("ignoring an undecodable state in queue %s: %s", uuid, exc)
                     states.append(TaskState(uuid, ""))
-            pick = max((i for i, s in enumerate(states) if s.is_completed()), default=len(states) - 1)
+            pick = _latest(states)
             if pick > 0:  # older states are of no further use: keep the queue short
                 await ch.basic_ack(delivery_tag(msgs[pick - 1]), multiple=True, wait=False)
             # Requeued at their original positions; the channel handles the nack before its next get.
@@ -460,13 +467,20 @@ class AMQPBackend(Backend):
         await publish(pub, body, exchange="", routing_key=queue, props=properties(headers=headers))
 
     async def init_group(self, group_uuid: str, task_uuids: Sequence[str]) -> None:
-        meta = GroupMeta(group_uuid, list(task_uuids), created_at=datetime.now(UTC))
+        """Write the record; an existing group (sent again by a redelivered parent) keeps its
+        progress and chord flag, and its record is refreshed with the members given now."""
+        name = f"{group_uuid}_meta"
 
         async def op(st: _LoopState, ch: AbstractChannel) -> None:
-            for suffix in ("_progress", "_chord_triggered", "_meta"):
-                await ch.queue_delete(f"{group_uuid}{suffix}")
-            await self._group_queue(ch, f"{group_uuid}_meta")
-            await self._publish(st, f"{group_uuid}_meta", encode_group_meta(meta))
+            old = await self._group_queue(ch, name)
+            try:
+                created = decode_group_meta(old[-1].body).created_at if old else None
+            except DecodeError:
+                created = None
+            meta = GroupMeta(group_uuid, list(task_uuids), created_at=created or datetime.now(UTC))
+            await self._publish(st, name, encode_group_meta(meta))
+            if old:
+                await ch.basic_ack(delivery_tag(old[-1]), multiple=True)
 
         await self._grouped(group_uuid, "init", op)
 
@@ -530,3 +544,14 @@ class AMQPBackend(Backend):
         st = self._states.pop_current()
         if st is not None:
             await st.link.close()
+
+
+def _latest(states: Sequence[TaskState]) -> int:
+    """Index of the state to report: the last completed one of the latest run, else the last one.
+
+    A redelivered task may write RECEIVED after its SUCCESS: that must not hide the result. A run
+    starts at PENDING (only a send writes it), so a task sent again with the same UUID starts over.
+    """
+    start = max((i for i, s in enumerate(states) if s.state == PENDING), default=0)
+    done = [i for i in range(start, len(states)) if states[i].is_completed()]
+    return done[-1] if done else len(states) - 1
