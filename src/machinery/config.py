@@ -164,6 +164,8 @@ class RedisConfig(_Section):
     master_name: str = ""
     cluster_mode: bool = False
     sentinel_password: str = ""
+    lease_seconds: float = 30.0
+    """How long a fetched task stays claimed without a heartbeat before it goes back to the queue."""
 
     _prefix = "redis."
     _env_names = {
@@ -174,7 +176,7 @@ class RedisConfig(_Section):
         "delayed_tasks_poll_period": "REDIS_DELAYED_TASKS_POLL_PERIOD",
         "delayed_tasks_key": "REDIS_DELAYED_TASKS_KEY", "client_name": "REDIS_CLIENT_NAME",
         "master_name": "REDIS_MASTER_NAME", "cluster_mode": "REDIS_CLUSTER_MODE",
-        "sentinel_password": "REDIS_SENTINEL_PASSWORD",
+        "sentinel_password": "REDIS_SENTINEL_PASSWORD", "lease_seconds": "REDIS_LEASE_SECONDS",
     }
     _yaml_names = {"idle_timeout": "max_idle_timeout"}
     _aliases = {"cluster_enabled": "cluster_mode", "REDIS_CLUSTER_ENABLED": "cluster_mode"}
@@ -184,6 +186,8 @@ class RedisConfig(_Section):
                       "connect_timeout", "normal_tasks_poll_period", "delayed_tasks_poll_period")
         if not self.delayed_tasks_key:
             self.delayed_tasks_key = "delayed_tasks"
+        if self.lease_seconds <= 0:
+            raise ConfigError(f"config field redis.lease_seconds: must be > 0, got {self.lease_seconds}")
 
 
 @dataclass

@@ -93,7 +93,7 @@ class RedisBroker(Broker):
         super().__init__(cnf, url or cnf.broker)
         self.target = parse_redis_url(self.url, cnf, "broker")
         #: seconds a fetched message stays claimed without renew(); the worker renews well within it
-        self.lease_seconds: float | None = 30.0
+        self.lease_seconds: float | None = cnf.redis.lease_seconds
         self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.delayed_key = cnf.redis.delayed_tasks_key or "delayed_tasks"
         self.moving_key = tagged(self.delayed_key, ":machinery:moving")
