@@ -78,3 +78,17 @@ class Portal:
                 thread.join(timeout=5)
             if not loop.is_running():
                 loop.close()
+
+
+class PortalUser:
+    """Mixin for objects with blocking methods: they run on the Server's portal once attached."""
+
+    _portal: Portal | None = None
+
+    def attach(self, portal: Portal) -> None:
+        self._portal = portal
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._portal is None:
+            self._portal = Portal(f"machinery-{type(self).__name__}")
+        return self._portal.run(coro)

@@ -7,9 +7,9 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from machinery.portal import Portal
+from machinery.portal import PortalUser
 from machinery.tasks.state import GroupMeta, TaskState
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ class GroupProgress:
     counted: bool
 
 
-class Backend(ABC):
+class Backend(PortalUser, ABC):
     """Stores states (Go's TaskState JSON where the store is Go-compatible) and group metadata."""
 
     #: True when set_pending() never overwrites a stored state: a send may then store PENDING and
@@ -39,7 +39,6 @@ class Backend(ABC):
     def __init__(self, cnf: Config, url: str = "") -> None:
         self.cnf = cnf
         self.url = url
-        self._portal: Portal | None = None
 
     @property
     def expire_in(self) -> int:
@@ -84,7 +83,7 @@ class Backend(ABC):
     async def purge_group_meta(self, group_uuid: str) -> None:
         """Forget a group's record and progress."""
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         """Release connections of the current event loop."""
 
     # --- built on the primitives; drivers may override for speed ---------------------------
@@ -120,13 +119,6 @@ class Backend(ABC):
                 await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.05)
 
-    def attach(self, portal: Portal) -> None:
-        self._portal = portal
-
-    def _run(self, coro: Any) -> Any:
-        if self._portal is None:
-            self._portal = Portal("machinery-backend")
-        return self._portal.run(coro)
 
 
 class NullBackend(Backend):

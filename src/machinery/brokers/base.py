@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from machinery.portal import Portal
+from machinery.portal import PortalUser
 from machinery.tasks.signature import Signature, decode_signature
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class PerLoop(Generic[T]):
         return list(self._items.values())
 
 
-class Broker(ABC):
+class Broker(PortalUser, ABC):
     """Moves encoded signatures between producers and workers."""
 
     #: seconds a fetched delivery stays claimed without renew(); None if the broker tracks liveness itself
@@ -76,7 +76,6 @@ class Broker(ABC):
     def __init__(self, cnf: Config, url: str = "") -> None:
         self.cnf = cnf
         self.url = url
-        self._portal: Portal | None = None
 
     # --- primitives ------------------------------------------------------------------------
 
@@ -109,7 +108,7 @@ class Broker(ABC):
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move an unusable message (undecodable, malformed) aside, keeping the reason."""
 
-    async def renew(self, deliveries: Sequence[Delivery]) -> None:  # noqa: B027 - optional hook
+    async def renew(self, deliveries: Sequence[Delivery]) -> None:
         """Extend the claim on messages still being worked on (leased brokers)."""
 
     @abstractmethod
@@ -124,31 +123,22 @@ class Broker(ABC):
         """(body, reason) of dead-lettered messages, where the driver keeps them readable."""
         return []
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         """Release connections of the current event loop."""
 
     # --- conveniences built on the primitives ----------------------------------------------
 
-    def attach(self, portal: Portal) -> None:
-        self._portal = portal
-
-    def _run(self, coro: Any) -> Any:
-        if self._portal is None:
-            self._portal = Portal("machinery-broker")
-        return self._portal.run(coro)
 
     async def aget_pending_tasks(self, queue: str = "") -> list[Signature]:
         return [decode_signature(b) for b in await self.pending(queue or self.cnf.default_queue)]
 
     def get_pending_tasks(self, queue: str = "") -> list[Signature]:
         """Signatures waiting in `queue` (default queue when empty), oldest first."""
-        result: list[Signature] = self._run(self.aget_pending_tasks(queue))
-        return result
+        return self._run(self.aget_pending_tasks(queue))
 
     async def aget_delayed_tasks(self) -> list[Signature]:
         return [decode_signature(b) for b in await self.delayed()]
 
     def get_delayed_tasks(self) -> list[Signature]:
         """Signatures held back until their ETA."""
-        result: list[Signature] = self._run(self.aget_delayed_tasks())
-        return result
+        return self._run(self.aget_delayed_tasks())
