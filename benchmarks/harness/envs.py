@@ -57,17 +57,25 @@ def ensure_env(name: str, log: bool = True) -> Path:
     if log:
         print(f"[envs] building {env_dir} ...", file=sys.stderr, flush=True)
     env_dir.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(env_dir)], check=True)
+    _run([sys.executable, "-m", "venv", "--clear", str(env_dir)], 300)
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "--upgrade", "pip"], check=True, timeout=600)
+    _run([*pip, "--upgrade", "pip"], 600)
     args = list(spec.requirements)
     for path in spec.editable:
         args += ["-e", path]
-    subprocess.run([*pip, *args], check=True, timeout=900)
+    _run([*pip, *args], 900)
     marker.write_text(digest)
     if log:
         print(f"[envs] {name} ready in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
     return python
+
+
+def _run(cmd: list[str], timeout: float) -> None:
+    """Run quietly; on failure, show the output and raise."""
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if out.returncode != 0:
+        print(out.stdout[-3000:], out.stderr[-3000:], sep="\n", file=sys.stderr)
+        raise subprocess.CalledProcessError(out.returncode, cmd)
 
 
 def installed_versions(name: str) -> dict[str, str]:
