@@ -157,9 +157,13 @@ class PeriodicScheduler:
                         tasks[name] = (entry, task)
                 await changed.wait()
         finally:
-            for _, task in tasks.values():
-                task.cancel()
-            await asyncio.gather(*(t for _, t in tasks.values()), return_exceptions=True)
+            # Cancel until they are really done: on Python 3.11 a cancellation racing a client's own
+            # timeout (redis-py uses asyncio.wait_for) can be swallowed, and the task would run on.
+            pending = {t for _, t in tasks.values()}
+            while pending:
+                for task in pending:
+                    task.cancel()
+                _, pending = await asyncio.wait(pending, timeout=0.5)
             with self._mutex:
                 self._loop = self._changed = self._task = None
 
