@@ -102,6 +102,19 @@ end
 return #KEYS
 """)
 
+# KEYS: task uuids. ARGV: expiry, the state JSONs in KEYS order, each ended by a newline (encoded
+# JSON has none of its own). SET NX EX each (set_pending). One blob instead of an argument per
+# state: redis-py packs arguments one by one in Python.
+SET_PENDING = LuaScript("""
+local ex, blob, p = ARGV[1], ARGV[2], 1
+for _, key in ipairs(KEYS) do
+  local q = string.find(blob, '\\n', p, true)
+  redis.call('SET', key, string.sub(blob, p, q - 1), 'EX', ex, 'NX')
+  p = q + 1
+end
+return #KEYS
+""")
+
 # KEYS: progress hash. ARGV: task uuid, failed (0/1), expiry. Returns {done, failed, counted}.
 MEMBER_DONE = LuaScript("""
 local new = redis.call('HSETNX', KEYS[1], 'm:' .. ARGV[1], ARGV[2])
@@ -159,6 +172,8 @@ class RedisBackend(Backend):
     conditional_pending = True
     #: states per script call in standalone mode (the whole batch still goes in one round trip)
     chunk = 256
+    #: PENDING states per script call in standalone mode (set_pending)
+    pending_chunk = 1000
     #: how long trigger_chord waits for a Go worker holding TriggerChordMutex (its expiry is 8 s)
     mutex_wait = 10.0
 
@@ -199,8 +214,19 @@ class RedisBackend(Backend):
         if not states:
             return
         batch = Batch()
-        for s in states:
-            batch.command("SET", s.task_uuid, encode_state(s), "EX", self.expire_in, "NX")
+        ex = self.expire_in
+        if self._cluster:  # every task key may live on another node
+            for s in states:
+                batch.command("SET", s.task_uuid, encode_state(s), "EX", ex, "NX")
+        else:  # one script call per chunk: redis-py's per-command packing and parsing cost more than Redis
+            for i in range(0, len(states), self.pending_chunk):
+                part = states[i:i + self.pending_chunk]
+                blob = b"\n".join(map(encode_state, part)) + b"\n"
+                if blob.count(b"\n") == len(part):
+                    batch.script(SET_PENDING, [s.task_uuid for s in part], [ex, blob])
+                else:  # cannot happen: JSON escapes newlines
+                    for s in part:
+                        batch.command("SET", s.task_uuid, encode_state(s), "EX", ex, "NX")
         await batch.run(await self._client())
 
     @_wrap

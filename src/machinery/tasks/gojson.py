@@ -24,6 +24,9 @@ _HTML = ((b"<", b"\\u003c"), (b">", b"\\u003e"), (b"&", b"\\u0026"),
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SHORT_ESCAPE = re.compile(rb"\\[\\bf]")
 _SHORT_MAP = {b"\\\\": b"\\\\", b"\\b": b"\\u0008", b"\\f": b"\\u000c"}
+_SPECIAL = b"<>&\\\xe2"  # the bytes go_escape may have to rewrite (U+2028/9 start with 0xE2)
+# printable ASCII but for the quote, backslash, `<`, `>` and `&`: a str of these is its own JSON string body
+_NOT_PLAIN = re.compile(r"[^ !#-%'-;=?-\[\]-~]")
 
 
 def encode(obj: Any) -> bytes:
@@ -36,6 +39,13 @@ def encode(obj: Any) -> bytes:
     except (TypeError, msgspec.EncodeError) as exc:
         raise ArgTypeError(f"value cannot be encoded as JSON: {exc}") from exc
     return go_escape(data)
+
+
+def string_token(text: str) -> bytes:
+    """The Go JSON string token for text (quotes included), without an encoder call when plain."""
+    if _NOT_PLAIN.search(text) is None:
+        return b'"' + text.encode() + b'"'
+    return encode(text)
 
 
 def _scrub(obj: Any) -> Any:
@@ -61,6 +71,8 @@ def go_value(obj: Any) -> Any:
 
 def go_escape(data: bytes) -> bytes:
     """Rewrite msgspec output to Go's escaping. `<>&` never occur outside strings in JSON."""
+    if len(data.translate(None, _SPECIAL)) == len(data):  # one pass: nothing to rewrite (the usual case)
+        return data
     for raw, esc in _HTML:
         if raw in data:
             data = data.replace(raw, esc)
@@ -170,10 +182,24 @@ class Timestamp(datetime):
         return ts
 
 
+_last_time: tuple[datetime, int, str] | None = None  # format_time's last call: a batch shares one time
+
+
 def format_time(dt: datetime | None) -> str:
     """RFC 3339 with nanoseconds, trailing zeros trimmed, `Z` for UTC (Go's RFC3339Nano)."""
+    global _last_time
     if dt is None:
         return ZERO_TIME
+    last = _last_time
+    nanos = getattr(dt, "nanosecond", 0)
+    if last is not None and last[0] is dt and last[1] == nanos:
+        return last[2]
+    text = _format_time(dt)
+    _last_time = (dt, nanos, text)
+    return text
+
+
+def _format_time(dt: datetime) -> str:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     frac_ns = dt.microsecond * 1000 + int(getattr(dt, "nanosecond", 0) or 0)

@@ -88,9 +88,11 @@ class Signature:
         self.eta = eta
         self.group_uuid = group_uuid
         self.group_task_count = group_task_count
-        if isinstance(args, str | bytes | bytearray | dict):
-            raise ArgTypeError(f"args must be a list of values or Args, got {type(args).__name__} {args!r:.60}")
-        self.args: list[Arg] = [Arg.of(a) for a in args] if args is not None else []
+        self.args: list[Arg] = []
+        if args is not None:
+            if isinstance(args, str | bytes | bytearray | dict):
+                raise ArgTypeError(f"args must be a list of values or Args, got {type(args).__name__} {args!r:.60}")
+            self.args = [Arg.of(a) for a in args]
         self.headers = headers
         self.priority = priority
         self.immutable = immutable
@@ -176,7 +178,70 @@ def signature_wire(sig: Signature) -> dict[str, Any]:
 
 def encode_signature(sig: Signature) -> bytes:
     """Go-identical JSON bytes for a signature."""
+    if (
+        sig.on_success is None and sig.on_error is None and sig.chord_callback is None
+        and type(sig.uuid) is str and type(sig.group_task_count) is int and type(sig.priority) is int
+        and type(sig.retry_count) is int and type(sig.retry_timeout) is int and type(sig.immutable) is bool
+        and type(sig.stop_task_deletion_on_error) is bool and type(sig.ignore_when_task_not_registered) is bool
+    ):
+        return _encode_flat(sig)
     return gojson.encode(signature_wire(sig))
+
+
+# A signature without nested signatures is a fixed text with four holes: UUID, ETA, Args and
+# Headers. The text for the other fields is encoded once per distinct set of their values and the
+# holes are encoded on their own; Go's encoding of a value does not depend on what surrounds it,
+# so the bytes are those of encoding the whole (tests/test_signature.py compares the two).
+_HOLE = msgspec.Raw(b"\0")  # a raw NUL byte never occurs in encoded JSON
+_TEMPLATES: dict[tuple[Any, ...], list[bytes]] = {}
+_TEMPLATES_MAX = 1024
+
+
+def _encode_flat(sig: Signature) -> bytes:
+    key = (
+        sig.name, sig.routing_key, sig.group_uuid, sig.group_task_count, sig.priority, sig.immutable,
+        sig.retry_count, sig.retry_timeout, sig.broker_message_group_id, sig.sqs_receipt_handle,
+        sig.stop_task_deletion_on_error, sig.ignore_when_task_not_registered,
+    )
+    try:
+        parts = _TEMPLATES.get(key)
+    except TypeError:  # an unhashable field value: no template
+        return gojson.encode(signature_wire(sig))
+    eta = sig.eta
+    eta_token = b"null" if eta is None else gojson.string_token(gojson.format_time(eta))
+    args = [_arg_wire(a) for a in sig.args] if sig.args else None
+    headers = sig.headers
+    if headers is None:
+        headers_token = b"null"
+    elif type(headers) is dict and not headers:
+        headers_token = b"{}"
+    else:
+        headers_token = gojson.encode(gojson.go_value(headers) if headers else headers)
+    if parts is None:
+        parts = _template(sig, key)
+    return b"".join((
+        parts[0], gojson.string_token(sig.uuid), parts[1], eta_token, parts[2],
+        b"null" if args is None else gojson.encode(args), parts[3], headers_token, parts[4],
+    ))
+
+
+def _template(sig: Signature, key: tuple[Any, ...]) -> list[bytes]:
+    wire = signature_wire(Signature(sig.name))  # the fields, in order, with no args
+    wire.update(
+        UUID=_HOLE, Name=sig.name, RoutingKey=sig.routing_key, ETA=_HOLE, GroupUUID=sig.group_uuid,
+        GroupTaskCount=sig.group_task_count, Args=_HOLE, Headers=_HOLE, Priority=sig.priority,
+        Immutable=sig.immutable, RetryCount=sig.retry_count, RetryTimeout=sig.retry_timeout,
+        BrokerMessageGroupId=sig.broker_message_group_id, SQSReceiptHandle=sig.sqs_receipt_handle,
+        StopTaskDeletionOnError=sig.stop_task_deletion_on_error,
+        IgnoreWhenTaskNotRegistered=sig.ignore_when_task_not_registered,
+    )
+    parts = gojson.encode(wire).split(b"\0")
+    if len(parts) != 5:  # cannot happen (NUL is escaped inside strings); encode the long way
+        raise AssertionError("signature template has stray NUL bytes")
+    if len(_TEMPLATES) >= _TEMPLATES_MAX:
+        _TEMPLATES.clear()
+    _TEMPLATES[key] = parts
+    return parts
 
 
 # --- decoding ----------------------------------------------------------------------------

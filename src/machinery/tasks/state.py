@@ -138,6 +138,29 @@ def _result_wire(r: TaskResult) -> dict[str, Any]:
 
 
 def encode_state(s: TaskState) -> bytes:
+    if (
+        s.results is None and type(s.task_uuid) is str and type(s.task_name) is str
+        and type(s.state) is str and type(s.error) is str and type(s.ttl) is int
+    ):
+        # no results (PENDING, RECEIVED, ...): everything after the UUID is shared by a batch's states
+        key = (s.task_name, s.state, s.error, gojson.format_time(s.created_at), s.ttl)
+        tail = _TAILS.get(key)
+        token = gojson.string_token(s.task_uuid)
+        if tail is None:
+            data = _encode_state(s)
+            if len(_TAILS) >= 1024:
+                _TAILS.clear()
+            _TAILS[key] = data[len(_UUID_HEAD) + len(token):]
+            return data
+        return _UUID_HEAD + token + tail
+    return _encode_state(s)
+
+
+_TAILS: dict[tuple[object, ...], bytes] = {}
+_UUID_HEAD = b'{"TaskUUID":'
+
+
+def _encode_state(s: TaskState) -> bytes:
     return gojson.encode({
         "TaskUUID": s.task_uuid,
         "TaskName": s.task_name,
