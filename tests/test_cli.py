@@ -199,3 +199,21 @@ def test_two_signals_stop_at_once_and_give_the_task_back(db: Path, tmp_path: Pat
         assert [s.uuid for s in server.get_broker().get_pending_tasks()] == [res.task_uuid]
     finally:
         server.close()
+
+
+def test_scheduler_command_sends_on_schedule(db: Path) -> None:
+    """`machinery scheduler` keeps an app's schedules running; two of them still send one task per tick."""
+    env = env_for(db)
+    args = [*CLI, "scheduler", "--app", "apps.periodic_app:server"]
+    procs = [subprocess.Popen(args, env=env, text=True) for _ in range(2)]
+    try:
+        time.sleep(4.5)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            assert proc.wait(timeout=30) == 0
+    out = run(["pending"], env)
+    sent = [json.loads(line) for line in out.stdout.splitlines()]
+    assert 3 <= len(sent) <= 5, f"expected one send per tick over ~4.5 s, got {len(sent)}"
+    assert all(s["Name"] == "add" for s in sent) and len({s["UUID"] for s in sent}) == len(sent)

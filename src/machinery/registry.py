@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -109,9 +110,18 @@ def driver_class(url: str, kind: Kind) -> type[Any]:
                 f"the {scheme}:// {kind} needs the {missing!r} module: "
                 f"pip install 'machinery[{driver.extra}]'"
             ) from None
+        if missing == module_name:
+            raise UnknownSchemeError(
+                f"config field {_FIELD[kind]}: the {scheme}:// {kind} is not available in this version of "
+                f"machinery; available schemes: {', '.join(sorted(s for s in table if _exists(table[s])))}"
+            ) from None
         raise
     cls: type[Any] = getattr(module, cls_name)
     return cls
+
+
+def _exists(driver: Driver) -> bool:
+    return importlib.util.find_spec(driver.path.partition(":")[0]) is not None
 
 
 def make_broker(cnf: Config, url: str | None = None) -> Broker:

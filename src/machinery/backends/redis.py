@@ -312,19 +312,25 @@ class RedisBackend(Backend):
 
     @_wrap
     async def _wait(self, task_uuid: str, deadline: float | None) -> TaskState | None:
-        state = await self.get_state(task_uuid)
-        if state is not None and state.is_completed():
-            return state
-        if cancel_requested():  # our timeout (turned into None above) or the caller's cancel
-            raise asyncio.CancelledError
-        if deadline is not None and time.monotonic() >= deadline:
-            return None
         client = await self._client()
         notifier = self._notifiers.get(lambda: _Notifier(client))
         channel = (CHANNEL_PREFIX + task_uuid).encode()
         waiter = _Waiter()
-        await notifier.add(channel, waiter)
+        # Subscribe and read at the same time: one round trip when the task is already done, and the
+        # read after the subscription is confirmed (below) catches a state stored in between.
+        added, first = await asyncio.gather(notifier.add(channel, waiter), self.get_state(task_uuid),
+                                            return_exceptions=True)
+        if isinstance(added, BaseException):
+            raise added
         try:
+            if isinstance(first, BaseException):
+                raise first
+            if first is not None and first.is_completed():
+                return first
+            if cancel_requested():  # our timeout (turned into None above) or the caller's cancel
+                raise asyncio.CancelledError
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
             recheck = 0.25
             while True:
                 step = recheck
@@ -339,14 +345,14 @@ class RedisBackend(Backend):
                 waiter.event.clear()
                 data, waiter.data = waiter.data, None
                 if data is not None:
-                    state = decode_state(data)
-                    if state.is_completed():
-                        return state
+                    published = decode_state(data)
+                    if published.is_completed():
+                        return published
                 if cancel_requested():
                     raise asyncio.CancelledError
-                state = await self.get_state(task_uuid)
-                if state is not None and state.is_completed():
-                    return state
+                stored = await self.get_state(task_uuid)
+                if stored is not None and stored.is_completed():
+                    return stored
         finally:
             notifier.remove(channel, waiter)
 
