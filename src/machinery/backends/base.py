@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from machinery._waiters import Waiters
 from machinery.portal import PortalUser
 from machinery.tasks.state import GroupMeta, TaskState
 
@@ -98,27 +99,44 @@ class Backend(PortalUser, ABC):
         """Store the PENDING states of tasks being sent (drivers may store them only where absent)."""
         await self.set_states(states)
 
+    #: same-process wake-ups: drivers that can notify local waiters on completion set this
+    local_waiters: Waiters | None = None
+    #: longest pause between re-reads while waiting; None = rely on wake-ups alone (in-process stores)
+    poll_cap: float | None = 0.05
+
     async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
         """Wait until the task is SUCCESS or FAILURE; None when the timeout passes first.
 
-        This default polls with a short back-off; drivers that can be woken on completion
-        (pub/sub, in-process events) override it.
+        Re-reads with a back-off up to `poll_cap`, and wakes at once on a same-process write
+        through `local_waiters`; drivers with a server-side notification override it.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.0005
+        waiters = self.local_waiters
         while True:
-            state = await self.get_state(task_uuid)
-            if state is not None and state.is_completed():
-                return state
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                await asyncio.sleep(min(delay, left))
-            else:
-                await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.05)
-
+            fut = waiters.register(task_uuid) if waiters is not None else None
+            try:
+                state = await self.get_state(task_uuid)
+                if state is not None and state.is_completed():
+                    return state
+                pause = self.poll_cap and delay
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    pause = min(pause, left) if pause else left
+                if fut is None:
+                    await asyncio.sleep(pause or 0.05)
+                else:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(fut), pause or None)
+                    except TimeoutError:
+                        pass
+                if self.poll_cap:
+                    delay = min(delay * 2, self.poll_cap)
+            finally:
+                if fut is not None and waiters is not None:
+                    waiters.discard(task_uuid, fut)
 
 
 class NullBackend(Backend):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Sequence
@@ -29,13 +28,14 @@ class _Group:
 
 class MemoryBackend(Backend):
     conditional_pending = True
+    poll_cap = None  # every write goes through this object, so wake-ups alone are enough
 
     def __init__(self, cnf: Config, url: str = "memory://") -> None:
         super().__init__(cnf, url)
         self._lock = threading.Lock()
         self._states: dict[str, tuple[float, TaskState]] = {}
         self._groups: dict[str, tuple[float, _Group]] = {}
-        self._waiters = Waiters()
+        self._waiters = self.local_waiters = Waiters()
 
     def _expiry(self) -> float:
         return time.monotonic() + self.expire_in
@@ -113,21 +113,3 @@ class MemoryBackend(Backend):
     async def purge_group_meta(self, group_uuid: str) -> None:
         with self._lock:
             self._groups.pop(group_uuid, None)
-
-    async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            fut = self._waiters.register(task_uuid)
-            try:
-                state = (await self.get_states([task_uuid]))[0]
-                if state is not None and state.is_completed():
-                    return state
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return None
-                try:
-                    await asyncio.wait_for(fut, left)
-                except TimeoutError:
-                    return None
-            finally:
-                self._waiters.discard(task_uuid, fut)

@@ -8,7 +8,6 @@ single conditional UPDATE, so exactly one caller, in any process, wins it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import time
@@ -75,7 +74,9 @@ class SQLiteBackend(Backend):
         self._db = SQLiteDB(
             self.path, cnf.sqlite.busy_timeout_ms, SCHEMA, BackendError, "machinery-sqlite-backend"
         )
-        self._waiters = Waiters()
+        self._waiters = self.local_waiters = Waiters()
+        # other processes' writes are seen by re-reading, at most this far apart
+        self.poll_cap = max(cnf.sqlite.poll_interval_ms / 1000, _MIN_POLL)
         self._next_purge = 0.0
 
     def _expires_at_ns(self) -> int:
@@ -114,30 +115,6 @@ class SQLiteBackend(Backend):
     async def purge_state(self, task_uuid: str) -> None:
         sql = "DELETE FROM machinery_task_states WHERE uuid = ?"
         await self._db.run(partial(_write, sql, [(task_uuid,)], False))
-
-    async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
-        """Poll, backing off up to sqlite.poll_interval_ms; writes through this object wake it at once."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        interval = _MIN_POLL
-        cap = max(self.cnf.sqlite.poll_interval_ms / 1000, _MIN_POLL)
-        while True:
-            fut = self._waiters.register(task_uuid)
-            try:
-                state = (await self.get_states([task_uuid]))[0]
-                if state is not None and state.is_completed():
-                    return state
-                sleep = interval
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return None
-                    sleep = min(sleep, left)
-                try:
-                    await asyncio.wait_for(asyncio.shield(fut), sleep)
-                except TimeoutError:
-                    interval = min(interval * 2, cap)
-            finally:
-                self._waiters.discard(task_uuid, fut)
 
     # --- groups ----------------------------------------------------------------------------
 
