@@ -144,3 +144,40 @@ def test_sigkilled_worker_loses_no_task(tmp_path: Path) -> None:
                 proc.wait(10)
         server.close()
         redis_server.kill()
+
+
+def test_worker_carries_on_after_a_redis_restart(tmp_path: Path) -> None:
+    """Restart the (append-only) Redis under a running worker: it reconnects and every task completes."""
+    redis_server = PrivateRedis(tmp_path / "redis", *AOF).start()
+    app = tmp_path / "worker_app.py"
+    app.write_text(WORKER_APP)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent / "src"),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    cnf = Config(broker=redis_server.url, result_backend=redis_server.url, default_queue="fault_queue")
+    server = Server(cnf)
+    worker = subprocess.Popen([sys.executable, str(app), redis_server.url], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        results = [server.send_task(Signature("slow", [i])) for i in range(300)]
+        backend = server.get_backend()
+
+        def done() -> int:
+            states = server.portal.run(backend.get_states([r.signature.uuid for r in results]))
+            return sum(1 for s in states if s is not None and s.is_success())
+
+        deadline = time.monotonic() + 60
+        while done() < 50 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert done() < 300, "the restart should land mid-run"
+        redis_server.kill()  # SIGKILL: with appendfsync always nothing acknowledged is lost
+        time.sleep(1.0)
+        redis_server.start()
+        assert worker.poll() is None, "the worker must survive the outage"
+        values = [r.get(timeout=90) for r in results]
+        assert values == [i * 2 for i in range(300)]
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(10)
+        server.close()
+        redis_server.kill()
