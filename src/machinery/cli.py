@@ -12,16 +12,19 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from machinery.config import Config
 from machinery.errors import MachineryError, TaskError
-from machinery.server import Server
-from machinery.tasks.signature import Signature
+
+if TYPE_CHECKING:
+    from machinery.config import Config
+    from machinery.server import Server
 
 
 def load_app(spec: str) -> Server:
     """Import MODULE:ATTR; ATTR is a Server or a callable returning one."""
+    from machinery.server import Server
+
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise MachineryError(f"--app must look like MODULE:ATTR (e.g. myapp.tasks:server), got {spec!r}")
@@ -43,12 +46,16 @@ def load_app(spec: str) -> Server:
 
 
 def _config(args: argparse.Namespace) -> Config:
+    from machinery.config import Config
+
     if getattr(args, "config", None):
         return Config.from_yaml(args.config)
     return Config.from_env()
 
 
 def _server(args: argparse.Namespace) -> Server:
+    from machinery.server import Server
+
     if getattr(args, "app", None):
         return load_app(args.app)
     return Server(_config(args))
@@ -135,6 +142,8 @@ def _parse_value(text: str) -> Any:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    from machinery.tasks.signature import Signature
+
     server = _server(args)
     try:
         spec = server.find_task(args.task)
