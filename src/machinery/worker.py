@@ -61,6 +61,8 @@ class Worker:
         self._stopped.set()
         self._signals = 0
         self._active: dict[asyncio.Task[None], Delivery] = {}
+        #: deliveries whose task function has not returned yet (what `concurrency` bounds)
+        self._executing: set[Delivery] = set()
         self._slot_freed: asyncio.Event | None = None
         self._pool: SyncRunner | None = None
         self._committer: Committer | None = None
@@ -232,7 +234,9 @@ class Worker:
             if self._pre_consume is not None and not await _maybe_await(self._pre_consume(self)):
                 await _sleep_or(self._stop, 0.1)
                 continue
-            free = limit - len(self._active)
+            # At most `limit` tasks run; finished ones may wait for their state write and ack while
+            # the next batch runs, so at most 2 x limit messages are held.
+            free = min(limit - len(self._executing), 2 * limit - len(self._active))
             if free <= 0:
                 self._slot_freed.clear()
                 await _first(self._slot_freed.wait(), self._stop.wait())
@@ -251,10 +255,19 @@ class Worker:
             for d in deliveries:
                 task = asyncio.get_running_loop().create_task(self._handle(d))
                 self._active[task] = d
+                self._executing.add(d)
                 task.add_done_callback(self._done)
 
+    def _finished_running(self, d: Delivery) -> None:
+        """The task function returned: its slot may take new work while its state is written."""
+        self._executing.discard(d)
+        assert self._slot_freed is not None
+        self._slot_freed.set()
+
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._active.pop(task, None)
+        delivery = self._active.pop(task, None)
+        if delivery is not None:
+            self._executing.discard(delivery)
         assert self._slot_freed is not None
         self._slot_freed.set()
         self.processed += 1
@@ -322,11 +335,14 @@ class Worker:
         if self._pre_task is not None:
             await self._call_handler(self._pre_task, sig)
         try:
-            if spec.is_async:
-                returned = await spec.fn(*args)
-            else:
-                assert self._pool is not None
-                returned = await self._pool.run(spec.fn, args)
+            try:
+                if spec.is_async:
+                    returned = await spec.fn(*args)
+                else:
+                    assert self._pool is not None
+                    returned = await self._pool.run(spec.fn, args)
+            finally:
+                self._finished_running(d)
             results = spec.make_results(returned)
             for r in results:
                 to_wire(r.type, r.value)
