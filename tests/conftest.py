@@ -2,3 +2,46 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+TEST_PREFIX = "mt_"  # every RabbitMQ queue and exchange the tests create starts with this
+
+
+def pytest_sessionfinish(session: object, exitstatus: int) -> None:
+    """Delete the RabbitMQ queues and exchanges the tests left on the shared server."""
+    import asyncio
+    import shutil
+    import subprocess
+
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        return
+
+    def names(kind: str) -> list[str]:
+        try:
+            out = subprocess.run([ctl, "-q", kind, "name"], check=False, capture_output=True, text=True,
+                                 timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return [line.strip() for line in out.splitlines() if line.strip().startswith(TEST_PREFIX)]
+
+    queues, exchanges = names("list_queues"), names("list_exchanges")
+    if not queues and not exchanges:
+        return
+
+    async def purge() -> None:
+        import aiormq
+
+        from amqp_support import AMQP_URL
+
+        conn = await aiormq.connect(AMQP_URL)
+        channel = await conn.channel()
+        for queue in queues:
+            await channel.queue_delete(queue)
+        for exchange in exchanges:
+            await channel.exchange_delete(exchange)
+        await conn.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(purge(), 120))
+    except Exception as exc:  # cleanup must never fail the run
+        print(f"\nleft {len(queues)} test queues on RabbitMQ: {exc}")
