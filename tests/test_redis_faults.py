@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from machinery import Config, Server, Signature
+from machinery import AsyncResult, Config, Server, Signature
 from machinery.brokers.redis import RedisBroker
 from machinery.tasks.signature import encode_signature
 from redis_servers import PrivateRedis
@@ -98,86 +98,78 @@ WORKER_APP = textwrap.dedent("""
 """)
 
 
-def test_sigkilled_worker_loses_no_task(tmp_path: Path) -> None:
-    redis_server = PrivateRedis(tmp_path / "redis", *AOF).start()
-    app = tmp_path / "worker_app.py"
-    app.write_text(WORKER_APP)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent / "src"),
-                                                        os.environ.get("PYTHONPATH", "")]))
-    cnf = Config(broker=redis_server.url, result_backend=redis_server.url, default_queue="fault_queue")
-    server = Server(cnf)
-    workers: list[subprocess.Popen[bytes]] = []
+class FaultRig:
+    """A private append-only Redis, a producer Server on it, and worker processes running WORKER_APP."""
 
-    def start_worker() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, str(app), redis_server.url], env=env,
+    def __init__(self, tmp_path: Path) -> None:
+        self.redis = PrivateRedis(tmp_path / "redis", *AOF).start()
+        self.app = tmp_path / "worker_app.py"
+        self.app.write_text(WORKER_APP)
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent / "src"),
+                                                                 os.environ.get("PYTHONPATH", "")]))
+        url = self.redis.url
+        self.server = Server(Config(broker=url, result_backend=url, default_queue="fault_queue"))
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, str(self.app), self.redis.url], env=self.env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        workers.append(proc)
+        self.workers.append(proc)
         return proc
 
+    def done(self, results: list[AsyncResult]) -> int:
+        backend = self.server.get_backend()
+        states = self.server.portal.run(backend.get_states([r.signature.uuid for r in results]))
+        return sum(1 for s in states if s is not None and s.is_success())
+
+    def wait_done(self, results: list[AsyncResult], count: int) -> None:
+        deadline = time.monotonic() + 60
+        while self.done(results) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+        self.server.close()
+        self.redis.kill()
+
+
+def test_sigkilled_worker_loses_no_task(tmp_path: Path) -> None:
+    rig = FaultRig(tmp_path)
+    server = rig.server
     try:
         results = [server.send_task(Signature("slow", [i])) for i in range(400)]
-        first = start_worker()
-        backend = server.get_backend()
-
-        def done() -> int:
-            states = server.portal.run(backend.get_states([r.signature.uuid for r in results]))
-            return sum(1 for s in states if s is not None and s.is_success())
-
-        deadline = time.monotonic() + 60
-        while done() < 60 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        first = rig.start_worker()
+        rig.wait_done(results, 60)
         inflight = server.portal.run(server.get_broker().inflight("fault_queue"))  # type: ignore[attr-defined]
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         assert inflight, "the kill should land while the worker holds claimed tasks"
-        finished_before_kill = done()
-        assert finished_before_kill < 400
-        start_worker()
+        assert rig.done(results) < 400
+        rig.start_worker()
         values = [r.get(timeout=60) for r in results]
         assert values == [i * 2 for i in range(400)]
         assert server.get_broker().get_pending_tasks() == []
         assert server.portal.run(server.get_broker().inflight("fault_queue")) == []  # type: ignore[attr-defined]
     finally:
-        for proc in workers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(10)
-        server.close()
-        redis_server.kill()
+        rig.close()
 
 
 def test_worker_carries_on_after_a_redis_restart(tmp_path: Path) -> None:
     """Restart the (append-only) Redis under a running worker: it reconnects and every task completes."""
-    redis_server = PrivateRedis(tmp_path / "redis", *AOF).start()
-    app = tmp_path / "worker_app.py"
-    app.write_text(WORKER_APP)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent / "src"),
-                                                        os.environ.get("PYTHONPATH", "")]))
-    cnf = Config(broker=redis_server.url, result_backend=redis_server.url, default_queue="fault_queue")
-    server = Server(cnf)
-    worker = subprocess.Popen([sys.executable, str(app), redis_server.url], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rig = FaultRig(tmp_path)
     try:
-        results = [server.send_task(Signature("slow", [i])) for i in range(300)]
-        backend = server.get_backend()
-
-        def done() -> int:
-            states = server.portal.run(backend.get_states([r.signature.uuid for r in results]))
-            return sum(1 for s in states if s is not None and s.is_success())
-
-        deadline = time.monotonic() + 60
-        while done() < 50 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert done() < 300, "the restart should land mid-run"
-        redis_server.kill()  # SIGKILL: with appendfsync always nothing acknowledged is lost
+        worker = rig.start_worker()
+        results = [rig.server.send_task(Signature("slow", [i])) for i in range(300)]
+        rig.wait_done(results, 50)
+        assert rig.done(results) < 300, "the restart should land mid-run"
+        rig.redis.kill()  # SIGKILL: with appendfsync always nothing acknowledged is lost
         time.sleep(1.0)
-        redis_server.start()
+        rig.redis.start()
         assert worker.poll() is None, "the worker must survive the outage"
         values = [r.get(timeout=90) for r in results]
         assert values == [i * 2 for i in range(300)]
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGKILL)
-            worker.wait(10)
-        server.close()
-        redis_server.kill()
+        rig.close()
