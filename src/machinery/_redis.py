@@ -343,11 +343,12 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ops)
 
-    async def run(self, client: Client) -> list[Any]:
-        """Results in order; the first error is raised after every command has run."""
+    async def run(self, client: Client, raise_errors: bool = True) -> list[Any]:
+        """Results in order; the first error is raised after every command has run (with
+        raise_errors False, errors are returned in place of the results instead)."""
         from redis.exceptions import NoScriptError
 
-        if len(self.ops) == 1:
+        if len(self.ops) == 1 and raise_errors:
             script, args = self.ops[0]
             if script is not None:
                 return [await script(client, args[3:3 + args[2]], args[3 + args[2]:])]
@@ -360,6 +361,8 @@ class Batch:
             again = await _pipeline(client, [self.ops[i][1] for i in missing])
             for i, r in zip(missing, again, strict=True):
                 results[i] = r
+        if not raise_errors:
+            return results
         for r in results:
             if isinstance(r, Exception):
                 raise r

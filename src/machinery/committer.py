@@ -32,6 +32,7 @@ class Committer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        self._joint = backend.joint_commit(broker)
 
     def put_state(self, state: TaskState) -> None:
         """Queue a state write; a later state of the same task replaces it if not yet written."""
@@ -60,35 +61,47 @@ class Committer:
             self._wake.clear()
             states, futures, acks = self._states, self._futures, self._acks
             self._states, self._futures, self._acks = {}, [], []
-            if states:
-                try:
-                    await self._backend.set_states(list(states.values()))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.error("storing %d task states failed, retrying in %.2f s: %s", len(states), delay, exc)
-                    self._requeue(states, futures, acks)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                    continue
+            # The acks queued here belong to tasks whose final states an earlier flush stored, so
+            # both writes go out at once: one round trip per flush, not two.
+            if self._joint is not None and (states or acks):
+                stored, acked = await self._joint(list(states.values()), acks)
+            elif states and acks:
+                stored, acked = await asyncio.gather(self._store(states), self._ack(acks))
+            else:
+                stored, acked = await self._store(states), await self._ack(acks)
+            if isinstance(stored, Exception):
+                log.error("storing %d task states failed, retrying in %.2f s: %s", len(states), delay, stored)
+            if isinstance(acked, Exception):
+                log.error("acking %d messages failed, retrying in %.2f s: %s", len(acks), delay, acked)
+            if stored is None:
                 for fut in futures:
                     if not fut.done():
                         fut.set_result(None)
-                futures = []
-            if acks:
-                try:
-                    await self._broker.ack(acks)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.error("acking %d messages failed, retrying in %.2f s: %s", len(acks), delay, exc)
-                    self._requeue({}, [], acks)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                    continue
+            if stored is not None or acked is not None:
+                self._requeue(states if stored is not None else {}, futures if stored is not None else [],
+                              acks if acked is not None else [])
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
             delay = 0.05
             if not self._states and not self._acks:
                 self._idle.set()
+
+    async def _store(self, states: dict[str, TaskState]) -> Exception | None:
+        if states:
+            try:
+                await self._backend.set_states(list(states.values()))
+            except Exception as exc:
+                return exc
+        return None
+
+    async def _ack(self, acks: list[Delivery]) -> Exception | None:
+        if acks:
+            try:
+                await self._broker.ack(acks)
+            except Exception as exc:
+                return exc
+        return None
 
     def _requeue(self, states: dict[str, TaskState], futures: list[asyncio.Future[None]],
                  acks: list[Delivery]) -> None:

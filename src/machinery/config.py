@@ -18,12 +18,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
 
-import yaml
-
 from machinery.errors import ConfigError
 from machinery.log import get_logger
 
 DEFAULT_SQLITE_URL = "sqlite:///machinery.sqlite3"
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 EXCHANGE_TYPES = ("direct", "topic", "fanout", "headers")
 
 
@@ -253,6 +252,8 @@ class Config(_Section):
     result_backend: str = DEFAULT_SQLITE_URL
     results_expire_in: int = 3600
     no_unix_signals: bool = False
+    #: the loop the worker and the sync API's portal thread run on: auto (uvloop if installed), uvloop, asyncio
+    event_loop: str = "auto"
     tls: ssl.SSLContext | None = None
     amqp: AMQPConfig = field(default_factory=AMQPConfig)
     sqs: SQSConfig = field(default_factory=SQSConfig)
@@ -266,6 +267,7 @@ class Config(_Section):
         "broker": "BROKER", "lock": "LOCK", "multiple_broker_separator": "MULTIPLE_BROKER_SEPARATOR",
         "default_queue": "DEFAULT_QUEUE", "result_backend": "RESULT_BACKEND",
         "results_expire_in": "RESULTS_EXPIRE_IN", "no_unix_signals": "NO_UNIX_SIGNALS",
+        "event_loop": "EVENT_LOOP",
     }
 
     def __post_init__(self) -> None:
@@ -282,6 +284,9 @@ class Config(_Section):
         if not self.default_queue:
             raise ConfigError("config field default_queue: must not be empty")
         _non_negative(self, "results_expire_in")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"config field event_loop: expected one of {', '.join(EVENT_LOOPS)}, "
+                              f"got {self.event_loop!r}")
         if self.results_expire_in == 0:
             self.results_expire_in = 3600
 
@@ -338,6 +343,8 @@ class Config(_Section):
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        import yaml  # only YAML users pay for it (about 1.4 MB per process)
+
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:

@@ -12,14 +12,17 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from machinery.loops import loop_factory
+
 T = TypeVar("T")
 
 
 class Portal:
     """Owns one event loop running in a daemon thread, started on first use."""
 
-    def __init__(self, name: str = "machinery-portal") -> None:
+    def __init__(self, name: str = "machinery-portal", event_loop: str = "auto") -> None:
         self._name = name
+        self._factory = loop_factory(event_loop)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -29,7 +32,7 @@ class Portal:
         with self._lock:
             if self._loop is None or self._loop.is_closed():
                 ready = threading.Event()
-                loop = asyncio.new_event_loop()
+                loop = self._factory()
 
                 def run() -> None:
                     asyncio.set_event_loop(loop)

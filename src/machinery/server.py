@@ -58,12 +58,13 @@ class Server:
         self.cnf = cnf if cnf is not None else Config()
         if not isinstance(self.cnf, Config):
             raise MachineryError(f"Server needs a machinery.Config, got {type(self.cnf).__name__}")
-        self.portal = Portal()
+        self.portal = Portal(event_loop=self.cnf.event_loop)
         self._broker = broker if broker is not None else registry.make_broker(self.cnf)
         self._backend = backend if backend is not None else registry.make_backend(self.cnf)
         self._lock = lock
         self._broker.attach(self.portal)
         self._backend.attach(self.portal)
+        self._joint_send = self._backend.joint_send(self._broker)
         self._tasks: dict[str, TaskSpec] = {}
         self._scheduler: PeriodicScheduler | None = None
 
@@ -173,7 +174,10 @@ class Server:
         for group_uuid, members in groups.items():
             await self._backend.init_group(group_uuid, members)
         if self._backend.conditional_pending:
-            await asyncio.gather(self._backend.set_pending(states), self._broker.publish_many(items))
+            if self._joint_send is not None:
+                await self._joint_send(states, items)
+            else:
+                await asyncio.gather(self._backend.set_pending(states), self._broker.publish_many(items))
         else:
             await self._backend.set_pending(states)
             await self._broker.publish_many(items)

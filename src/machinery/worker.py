@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from machinery import loops
 from machinery.committer import Committer
 from machinery.context import TaskContext
 from machinery.errors import ArgTypeError, DecodeError, MachineryError, RetryTaskLater
@@ -61,8 +62,8 @@ class Worker:
         self._stopped.set()
         self._signals = 0
         self._active: dict[asyncio.Task[None], Delivery] = {}
-        #: deliveries whose task function has not returned yet (what `concurrency` bounds)
-        self._executing: set[Delivery] = set()
+        #: running task functions (what `concurrency` bounds); fetched messages wait for a slot
+        self._slots: asyncio.Semaphore | None = None
         self._slot_freed: asyncio.Event | None = None
         self._pool: SyncRunner | None = None
         self._committer: Committer | None = None
@@ -98,7 +99,7 @@ class Worker:
         else:
             raise MachineryError("Worker.launch() blocks; inside an event loop use `await worker.alaunch()`")
         install = threading.current_thread() is threading.main_thread() and not self.server.cnf.no_unix_signals
-        asyncio.run(self.alaunch(_signals=install))
+        loops.run(self.alaunch(_signals=install), self.server.cnf.event_loop)
 
     def launch_async(self) -> concurrent.futures.Future[None]:
         """Run in a background thread; the future completes when the worker stops."""
@@ -106,7 +107,7 @@ class Worker:
 
         def run() -> None:
             try:
-                asyncio.run(self.alaunch())
+                loops.run(self.alaunch(), self.server.cnf.event_loop)
             except BaseException as exc:
                 future.set_exception(exc)
             else:
@@ -154,6 +155,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._abort = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.concurrency or MAX_FETCH_BATCH * 4)
         self._signals = 0
         self._stopped.clear()
         threads = self.concurrency or UNLIMITED_THREADS
@@ -234,9 +236,10 @@ class Worker:
             if self._pre_consume is not None and not await _maybe_await(self._pre_consume(self)):
                 await _sleep_or(self._stop, 0.1)
                 continue
-            # At most `limit` tasks run; finished ones may wait for their state write and ack while
-            # the next batch runs, so at most 2 x limit messages are held.
-            free = min(limit - len(self._executing), 2 * limit - len(self._active))
+            # At most `limit` tasks run and at most 2 x limit messages are held: the others wait
+            # for a slot, or for their state write and ack. Fetching past the free slots keeps
+            # batches large when tasks are short (fewer round trips per task).
+            free = 2 * limit - len(self._active)
             if free <= 0:
                 self._slot_freed.clear()
                 await _first(self._slot_freed.wait(), self._stop.wait())
@@ -255,19 +258,10 @@ class Worker:
             for d in deliveries:
                 task = asyncio.get_running_loop().create_task(self._handle(d))
                 self._active[task] = d
-                self._executing.add(d)
                 task.add_done_callback(self._done)
 
-    def _finished_running(self, d: Delivery) -> None:
-        """The task function returned: its slot may take new work while its state is written."""
-        self._executing.discard(d)
-        assert self._slot_freed is not None
-        self._slot_freed.set()
-
     def _done(self, task: asyncio.Task[None]) -> None:
-        delivery = self._active.pop(task, None)
-        if delivery is not None:
-            self._executing.discard(delivery)
+        self._active.pop(task, None)
         assert self._slot_freed is not None
         self._slot_freed.set()
         self.processed += 1
@@ -329,20 +323,24 @@ class Worker:
         except ArgTypeError as exc:
             await self._fail(d, sig, f"Reflect task args error: {exc}", exc, retry=False)
             return
-        committer.put_state(TaskState(sig.uuid, STARTED, task_name=sig.name))
-        if spec.wants_context:
-            args.insert(0, TaskContext(sig, self.tag, d.attempts, d.redelivered))
-        if self._pre_task is not None:
-            await self._call_handler(self._pre_task, sig)
+        slots = self._slots
+        assert slots is not None
+        await slots.acquire()
         try:
             try:
+                committer.put_state(TaskState(sig.uuid, STARTED, task_name=sig.name))
+                if spec.wants_context:
+                    await self.server.get_broker().settle([d])
+                    args.insert(0, TaskContext(sig, self.tag, d.attempts, d.redelivered))
+                if self._pre_task is not None:
+                    await self._call_handler(self._pre_task, sig)
                 if spec.is_async:
                     returned = await spec.fn(*args)
                 else:
                     assert self._pool is not None
                     returned = await self._pool.run(spec.fn, args)
             finally:
-                self._finished_running(d)
+                slots.release()  # the slot takes new work while this state is written
             results = spec.make_results(returned)
             for r in results:
                 to_wire(r.type, r.value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,7 +14,14 @@ from machinery.portal import PortalUser
 from machinery.tasks.state import GroupMeta, TaskState
 
 if TYPE_CHECKING:
+    from machinery.brokers.base import Broker, Delivery, PublishItem
     from machinery.config import Config
+
+#: stores PENDING states and publishes messages together
+JointSend = Callable[[Sequence[TaskState], Sequence["PublishItem"]], Awaitable[None]]
+#: stores states and acks deliveries together; returns the error of each part (None = done)
+JointCommit = Callable[[Sequence[TaskState], Sequence["Delivery"]],
+                       Awaitable[tuple[Exception | None, Exception | None]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +93,16 @@ class Backend(PortalUser, ABC):
 
     async def close(self) -> None:
         """Release connections of the current event loop."""
+
+    def joint_send(self, broker: Broker) -> JointSend | None:
+        """A way to store PENDING states and publish in one round trip (conditional_pending
+        backends sharing a server with the broker); None means two calls, sent concurrently."""
+        return None
+
+    def joint_commit(self, broker: Broker) -> JointCommit | None:
+        """A way to store states and ack deliveries in one round trip, when this backend and the
+        broker share a server; None (the default) means two separate calls, sent concurrently."""
+        return None
 
     # --- built on the primitives; drivers may override for speed ---------------------------
 

@@ -29,7 +29,7 @@ from machinery._redis import (
     tagged,
     wrap_errors,
 )
-from machinery.backends.base import Backend, GroupProgress
+from machinery.backends.base import Backend, GroupProgress, JointCommit, JointSend
 from machinery.brokers.base import PerLoop
 from machinery.errors import BackendError
 from machinery.tasks import gojson
@@ -44,6 +44,7 @@ from machinery.tasks.state import (
 )
 
 if TYPE_CHECKING:
+    from machinery.brokers.base import Broker, Delivery, PublishItem
     from machinery.config import Config
 
 CHORD_MUTEX = "TriggerChordMutex"  # Go's redsync mutex, one for all groups
@@ -197,8 +198,12 @@ class RedisBackend(Backend):
     async def set_states(self, states: Sequence[TaskState]) -> None:
         if not states:
             return
-        head = [self.expire_in, CHANNEL_PREFIX]
         batch = Batch()
+        self._state_ops(batch, states)
+        await batch.run(await self._client())
+
+    def _state_ops(self, batch: Batch, states: Sequence[TaskState]) -> None:
+        head = [self.expire_in, CHANNEL_PREFIX]
         if self._cluster:  # every task key may live on another node: one script call each
             for s in states:
                 batch.script(SET_STATES, [s.task_uuid], [*head, _state_arg(s)])
@@ -206,7 +211,32 @@ class RedisBackend(Backend):
             for i in range(0, len(states), self.chunk):
                 part = states[i:i + self.chunk]
                 batch.script(SET_STATES, [s.task_uuid for s in part], [*head, *map(_state_arg, part)])
-        await batch.run(await self._client())
+
+    def joint_commit(self, broker: Broker) -> JointCommit | None:
+        """States and acks in one pipeline when the broker is a Redis broker on the same server."""
+        from machinery.brokers.redis import RedisBroker
+
+        if not isinstance(broker, RedisBroker) or broker.target != self.target or self._cluster:
+            return None
+
+        async def commit(states: Sequence[TaskState], acks: Sequence[Delivery]) -> tuple[Exception | None,
+                                                                                            Exception | None]:
+            if acks:
+                await broker.settle(acks)
+            batch = Batch()
+            self._state_ops(batch, states)
+            n = len(batch)
+            broker.ack_ops(batch, acks)
+            try:
+                results = await batch.run(await self._client(), raise_errors=False)
+            except Exception as exc:
+                return (BackendError(f"redis backend: {exc}") if states else None), exc if acks else None
+            failed_states = next((r for r in results[:n] if isinstance(r, Exception)), None)
+            failed_acks = next((r for r in results[n:] if isinstance(r, Exception)), None)
+            return (None if failed_states is None else BackendError(f"redis backend: {failed_states}"),
+                    failed_acks)
+
+        return commit
 
     @_wrap
     async def set_pending(self, states: Sequence[TaskState]) -> None:
@@ -214,20 +244,39 @@ class RedisBackend(Backend):
         if not states:
             return
         batch = Batch()
+        self._pending_ops(batch, states)
+        await batch.run(await self._client())
+
+    def _pending_ops(self, batch: Batch, states: Sequence[TaskState]) -> None:
         ex = self.expire_in
-        if self._cluster:  # every task key may live on another node
+        if self._cluster or len(states) == 1:  # cluster: every task key may live on another node
             for s in states:
                 batch.command("SET", s.task_uuid, encode_state(s), "EX", ex, "NX")
-        else:  # one script call per chunk: redis-py's per-command packing and parsing cost more than Redis
-            for i in range(0, len(states), self.pending_chunk):
-                part = states[i:i + self.pending_chunk]
-                blob = b"\n".join(map(encode_state, part)) + b"\n"
-                if blob.count(b"\n") == len(part):
-                    batch.script(SET_PENDING, [s.task_uuid for s in part], [ex, blob])
-                else:  # cannot happen: JSON escapes newlines
-                    for s in part:
-                        batch.command("SET", s.task_uuid, encode_state(s), "EX", ex, "NX")
-        await batch.run(await self._client())
+            return
+        # one script call per chunk: redis-py's per-command packing and parsing cost more than Redis
+        for i in range(0, len(states), self.pending_chunk):
+            part = states[i:i + self.pending_chunk]
+            blob = b"\n".join(map(encode_state, part)) + b"\n"
+            if blob.count(b"\n") == len(part):
+                batch.script(SET_PENDING, [s.task_uuid for s in part], [ex, blob])
+            else:  # cannot happen: JSON escapes newlines
+                for s in part:
+                    batch.command("SET", s.task_uuid, encode_state(s), "EX", ex, "NX")
+
+    def joint_send(self, broker: Broker) -> JointSend | None:
+        """PENDING states and the publish in one pipeline when the broker is on the same Redis."""
+        from machinery.brokers.redis import RedisBroker
+
+        if not isinstance(broker, RedisBroker) or broker.target != self.target or self._cluster:
+            return None
+
+        async def send(states: Sequence[TaskState], items: Sequence[PublishItem]) -> None:
+            batch = Batch()
+            self._pending_ops(batch, states)
+            broker.publish_ops(batch, items)
+            await batch.run(await self._client())
+
+        return send
 
     @_wrap
     async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from machinery.config import Config
 
 T = TypeVar("T")
+#: what publish_many takes: the signature, its encoded body, and its ETA in Unix ns (None = now)
+PublishItem = tuple[Signature, bytes, int | None]
 
 
 @dataclass(slots=True, eq=False)
@@ -110,6 +112,13 @@ class Broker(PortalUser, ABC):
 
     async def renew(self, deliveries: Sequence[Delivery]) -> None:
         """Extend the claim on messages still being worked on (leased brokers)."""
+
+    async def settle(self, deliveries: Sequence[Delivery]) -> None:
+        """Wait until these deliveries are fully claimed (receipt and attempts known).
+
+        A driver may hand out a message before its claim completes so that the task starts a
+        round trip sooner; ack(), requeue(), renew() and dead_letter() settle by themselves.
+        """
 
     @abstractmethod
     async def pending(self, queue: str) -> list[bytes]:

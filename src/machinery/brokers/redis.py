@@ -15,6 +15,7 @@ Needs Redis >= 6.2 (LMOVE, BLMOVE, LPOP with a count).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import socket
@@ -39,8 +40,9 @@ from machinery._redis import (
     wrap_errors,
 )
 from machinery.brokers import _redis_lua as lua
-from machinery.brokers.base import Broker, Delivery
+from machinery.brokers.base import Broker, Delivery, PublishItem
 from machinery.errors import BrokerError
+from machinery.log import get_logger
 from machinery.tasks import gojson
 
 if TYPE_CHECKING:
@@ -104,6 +106,9 @@ class RedisBroker(Broker):
         period = cnf.redis.delayed_tasks_poll_period or 500
         self._move_period = period / 1000.0
         self._cluster = self.target.cluster
+        #: deliveries handed out straight from BLMOVE whose claim is still running
+        self._landing: dict[Delivery, asyncio.Task[None]] = {}
+        self._claimed_extra: dict[str, list[Delivery]] = {}
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -137,7 +142,14 @@ class RedisBroker(Broker):
             await client.rpush(self._route(sig), body)
 
     @_wrap
-    async def publish_many(self, items: Sequence[tuple[Signature, bytes, int | None]]) -> None:
+    async def publish_many(self, items: Sequence[PublishItem]) -> None:
+        batch = Batch()
+        self.publish_ops(batch, items)
+        if batch:
+            await batch.run(await self._client())
+
+    def publish_ops(self, batch: Batch, items: Sequence[PublishItem]) -> None:
+        """Add the publishes to a batch (also used by a Redis backend on the same server)."""
         now = time.time_ns()
         ready: dict[str, list[bytes]] = {}
         later: list[Any] = []
@@ -147,13 +159,10 @@ class RedisBroker(Broker):
                 self._note_eta(eta_ns)
             else:
                 ready.setdefault(self._route(sig), []).append(body)
-        batch = Batch()
         for queue, bodies in ready.items():
             batch.command("RPUSH", queue, *bodies)
         if later:
             batch.script(lua.DELAY, [self.delayed_key], [_seed(), *later])
-        if batch:
-            await batch.run(await self._client())
 
     def _note_eta(self, eta_ns: int) -> None:
         at = time.monotonic() + max(0.0, (eta_ns - time.time_ns()) / 1e9)
@@ -170,6 +179,11 @@ class RedisBroker(Broker):
         max_count = max(1, max_count)
         backoff = 0.05
         while True:
+            if self._landing:
+                await self.settle(list(self._landing))
+            extra = self._claimed_extra.pop(queue, None)
+            if extra:
+                return extra
             try:
                 if time.monotonic() >= self._next_move:
                     await self._move_due(client)
@@ -187,13 +201,19 @@ class RedisBroker(Broker):
                 if block < 0.001:
                     await asyncio.sleep(max(0.0, block))
                     continue
-                if await client.blmove(queue, keys.landing, round(block, 3), "LEFT", "RIGHT") is None:
+                landed = await client.blmove(queue, keys.landing, round(block, 3), "LEFT", "RIGHT")
+                if landed is None:
                     if cancel_requested():
                         raise asyncio.CancelledError
                     continue
-                got, _ = await self._claim(client, keys, max_count)  # also when cancelled: it is claimed
-                if got:
-                    return got
+                # The message is ours (in our landing list): hand it out now and claim it meanwhile,
+                # so the task starts one round trip sooner. Anything else the claim finds is kept
+                # for the next fetch.
+                d = Delivery(landed, keys.queue)
+                task = asyncio.get_running_loop().create_task(self._claim_landed(client, keys, d))
+                self._landing[d] = task
+                task.add_done_callback(functools.partial(self._landed, d))
+                return [d]
             except _TRANSIENT as exc:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -209,6 +229,35 @@ class RedisBroker(Broker):
             cap = min(cap, max(0.05, read - 1.0))
         return cap
 
+    async def _claim_landed(self, client: Client, keys: _Keys, d: Delivery) -> None:
+        """Claim what our landing list holds and give `d` its receipt; retried until it works (the
+        landing list keeps the message meanwhile, and a dead consumer's list is reaped)."""
+        backoff = 0.05
+        while True:
+            try:
+                got, _ = await self._claim(client, keys, 1)
+                break
+            except _TRANSIENT as exc:
+                get_logger().warning("claiming a landed message from %s failed, retrying: %s", keys.queue, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+        rest: list[Delivery] = []
+        for c in got:
+            if d.receipt is None and c.body == d.body:
+                d.receipt, d.redelivered, d.attempts = c.receipt, c.redelivered, c.attempts
+            else:
+                rest.append(c)
+        if rest:  # left in the landing list by a fetch cancelled inside BLMOVE
+            self._claimed_extra.setdefault(keys.queue, []).extend(rest)
+
+    def _landed(self, d: Delivery, _: object) -> None:
+        self._landing.pop(d, None)
+
+    async def settle(self, deliveries: Sequence[Delivery]) -> None:
+        tasks = [t for d in deliveries if (t := self._landing.get(d)) is not None]
+        if tasks:
+            await asyncio.gather(*(asyncio.shield(t) for t in tasks))
+
     async def _claim(self, client: Client, keys: _Keys, count: int) -> tuple[list[Delivery], float]:
         """One round trip: reap lapsed leases, claim up to `count`; also seconds to the next lapse."""
         ids, bodies, counts, next_ms = await lua.CLAIM(
@@ -223,16 +272,22 @@ class RedisBroker(Broker):
 
     @_wrap
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        await self.settle(deliveries)
         batch = Batch()
+        self.ack_ops(batch, deliveries)
+        if batch:
+            await batch.run(await self._client())
+
+    def ack_ops(self, batch: Batch, deliveries: Sequence[Delivery]) -> None:
+        """Add the acks to a batch (also used by a Redis backend on the same server); settle() first."""
         for queue, ids in _group(deliveries).items():
             keys = self._queue_keys(queue)
             batch.script(lua.ACK, [keys.inflight, keys.leases, keys.redelivered], ids)
-        if batch:
-            await batch.run(await self._client())
 
     @_wrap
     async def renew(self, deliveries: Sequence[Delivery]) -> None:
         """Extend the leases of these deliveries (one round trip); lapsed ones are not revived."""
+        await self.settle(deliveries)
         batch = Batch()
         for queue, ids in _group(deliveries).items():
             batch.script(lua.RENEW, [self._queue_keys(queue).leases], [self._lease_ms(), *ids])
@@ -242,6 +297,7 @@ class RedisBroker(Broker):
     @_wrap
     async def requeue(self, deliveries: Sequence[Delivery], delay: float = 0.0) -> None:
         """Back to the tail of their queue, or into the delayed set; only messages still claimed."""
+        await self.settle(deliveries)
         client = await self._client()
         groups = _group(deliveries)
         batch = Batch()
@@ -272,6 +328,7 @@ class RedisBroker(Broker):
 
     @_wrap
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        await self.settle([delivery])
         keys = self._queue_keys(delivery.queue)
         entry = _encode_dead(delivery, reason)
         client = await self._client()
