@@ -11,7 +11,6 @@ import ssl
 import subprocess
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp import commands as spec
 
 from machinery.config import AMQPConfig, Config
+from naming import unique
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
@@ -55,7 +55,7 @@ async def require_rabbit(url: str = AMQP_URL) -> None:
 
 def make_cnf(url: str = AMQP_URL, **amqp: Any) -> Config:
     """A config whose exchange and queues no other test uses."""
-    ns = f"mt_{uuid.uuid4().hex[:10]}"
+    ns = unique()
     amqp.setdefault("exchange", f"{ns}_exchange")
     amqp.setdefault("binding_key", f"{ns}_task")
     return Config(broker=url, result_backend=url, default_queue=f"{ns}_tasks", results_expire_in=120,

@@ -3,11 +3,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-TEST_PREFIX = "mt_"  # every RabbitMQ queue and exchange the tests create starts with this
+from naming import SESSION_PREFIX  # every RabbitMQ queue and exchange this session creates starts with it
 
 
 def pytest_sessionfinish(session: object, exitstatus: int) -> None:
-    """Delete the RabbitMQ queues and exchanges the tests left on the shared server."""
+    """Delete the RabbitMQ queues and exchanges this session's tests left on the shared server."""
     import asyncio
     import shutil
     import subprocess
@@ -22,7 +22,7 @@ def pytest_sessionfinish(session: object, exitstatus: int) -> None:
                                  timeout=60).stdout
         except (OSError, subprocess.SubprocessError):
             return []
-        return [line.strip() for line in out.splitlines() if line.strip().startswith(TEST_PREFIX)]
+        return [line.strip() for line in out.splitlines() if line.strip().startswith(SESSION_PREFIX)]
 
     queues, exchanges = names("list_queues"), names("list_exchanges")
     if not queues and not exchanges:

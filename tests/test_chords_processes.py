@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 from machinery import Config
+from naming import unique
 from redis_servers import require_redis
 from test_cli import env_for
 from workflow_load import chords_fire_exactly_once
@@ -13,7 +14,7 @@ from workflow_load import chords_fire_exactly_once
 
 def _env(tmp_path: Path, broker: str, backend: str, log: Path) -> dict[str, str]:
     env = env_for(tmp_path / "unused.sqlite3", MACHINERY_TEST_LOG=str(log))
-    env.update({"BROKER": broker, "RESULT_BACKEND": backend, "DEFAULT_QUEUE": f"mt_chords_{tmp_path.name}"})
+    env.update({"BROKER": broker, "RESULT_BACKEND": backend, "DEFAULT_QUEUE": unique("chords_")})
     return env
 
 

@@ -35,9 +35,11 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "cli.sqlite3"
 
 
-@pytest.fixture
-def worker(db: Path) -> Iterator[subprocess.Popen[str]]:
+@pytest.fixture(params=["preload", "no-preload"])
+def worker(db: Path, request: pytest.FixtureRequest) -> Iterator[subprocess.Popen[str]]:
     args = [*CLI, "worker", "--app", "apps.envapp:server", "--processes", "2", "--concurrency", "4"]
+    if request.param == "no-preload":
+        args.append("--no-preload")
     proc = subprocess.Popen(args, env=env_for(db), text=True)
     try:
         yield proc

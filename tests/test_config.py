@@ -680,3 +680,24 @@ def test_import_loads_no_driver(statement: str) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"{statement!r} imported driver modules: {out.stdout.strip()}"
+
+
+def test_event_loop_choice() -> None:
+    assert Config().event_loop == "auto"
+    assert Config.from_env({"EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
+    with pytest.raises(ConfigError, match=r"event_loop.*tokio"):
+        Config(event_loop="tokio")
+
+
+def test_asyncio_loop_is_used_when_asked() -> None:
+    import asyncio
+
+    from machinery.loops import loop_factory, run
+
+    assert loop_factory("asyncio") is asyncio.new_event_loop
+
+    async def kind() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run(kind(), "asyncio").startswith("asyncio")
+    assert run(kind(), "uvloop").startswith("uvloop")  # uvloop is a dependency on CPython/Linux

@@ -164,10 +164,12 @@ class Workers:
         return out
 
     def memory(self) -> dict[str, float]:
-        """RSS and USS summed over every worker process (supervisors and pool children included)."""
+        """RSS, PSS and USS summed over every worker process (supervisors and pool children
+        included), and the largest single process's RSS. PSS splits pages shared between forked
+        processes among them, so its sum is the memory the workers really take."""
         import psutil
 
-        rss = uss = 0
+        rss = uss = pss = largest = 0
         count = 0
         for proc in self._tree():
             try:
@@ -176,8 +178,11 @@ class Workers:
                 continue
             rss += info.rss
             uss += info.uss
+            pss += getattr(info, "pss", info.uss)
+            largest = max(largest, info.rss)
             count += 1
-        return {"rss_mb": rss / 2**20, "uss_mb": uss / 2**20, "processes": count}
+        return {"rss_mb": rss / 2**20, "uss_mb": uss / 2**20, "pss_mb": pss / 2**20,
+                "largest_rss_mb": largest / 2**20, "processes": count}
 
     def stop(self, grace: float = 15.0) -> float:
         """SIGTERM (graceful), then SIGKILL whatever is left after `grace`; returns the graceful part's time."""

@@ -1,0 +1,215 @@
+"""The Redis fast paths: a BLMOVE-landed message runs before its claim returns, PENDING and the
+publish share one round trip, states and acks share one round trip, and the worker's prefetch
+bound (at most concurrency running, 2 x concurrency held)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from machinery import Config, Server, Signature
+from machinery.backends.redis import RedisBackend
+from machinery.brokers.redis import RedisBroker
+from machinery.errors import BackendError
+from machinery.tasks.signature import encode_signature
+from machinery.tasks.state import RECEIVED, SUCCESS, TaskState
+from machinery.testing import running_worker
+from redis_servers import REDIS_URL, require_redis
+from test_redis_broker import counted
+
+pytestmark = pytest.mark.redis
+
+QUEUE = "machinery_tasks"
+INFLIGHT = "{machinery_tasks}:machinery:inflight"
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[aioredis.Redis]:
+    require_redis()
+    client = aioredis.Redis.from_url(REDIS_URL)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def cnf(raw: aioredis.Redis) -> Config:
+    return Config(broker=REDIS_URL, result_backend=REDIS_URL)
+
+
+@pytest.fixture
+async def broker(cnf: Config) -> AsyncIterator[RedisBroker]:
+    b = RedisBroker(cnf)
+    yield b
+    await b.close()
+
+
+def body(i: int) -> bytes:
+    return encode_signature(Signature("add", [i, i], uuid=f"task_{i:04d}", routing_key=QUEUE, headers={}))
+
+
+async def push_later(raw: aioredis.Redis, *bodies: bytes, delay: float = 0.2) -> None:
+    await asyncio.sleep(delay)
+    await raw.rpush(QUEUE, *bodies)
+
+
+# --- a landed message ------------------------------------------------------------------------
+
+
+async def test_landed_message_is_handed_out_before_its_claim_and_settles(
+    broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    pusher = asyncio.create_task(push_later(raw, body(1)))
+    got = await broker.fetch(QUEUE, 10, 5.0)
+    await pusher
+    assert [d.body for d in got] == [body(1)]
+    assert got[0].receipt is None  # claim still on its way
+    await broker.settle(got)
+    assert got[0].receipt is not None and got[0].attempts == 1
+    assert await raw.hvals(INFLIGHT) == [body(1)]  # claimed under a lease, landing list drained
+    assert await raw.llen(f"{{{QUEUE}}}:machinery:landing:{broker.consumer_id}") == 0
+    await broker.ack(got)
+    assert await raw.hlen(INFLIGHT) == 0
+
+
+async def test_ack_right_after_a_landed_fetch_waits_for_the_claim(broker: RedisBroker, raw: aioredis.Redis) -> None:
+    pusher = asyncio.create_task(push_later(raw, body(2)))
+    got = await broker.fetch(QUEUE, 10, 5.0)
+    await pusher
+    await broker.ack(got)  # no settle() first: ack does it
+    assert await raw.hlen(INFLIGHT) == 0
+    assert await broker.fetch(QUEUE, 10, 0.0) == []
+
+
+async def test_leftover_in_the_landing_list_is_delivered_once(broker: RedisBroker, raw: aioredis.Redis) -> None:
+    """A fetch cancelled inside BLMOVE can leave a message in the landing list: the next claim
+    finds it beside the newly landed one; each is delivered exactly once."""
+    landing = f"{{{QUEUE}}}:machinery:landing:{broker.consumer_id}"
+
+    async def leftover_then_push() -> None:
+        await asyncio.sleep(0.2)  # the fetch is blocked in BLMOVE by now
+        await raw.rpush(landing, body(4))
+        await raw.rpush(QUEUE, body(5))
+
+    pusher = asyncio.create_task(leftover_then_push())
+    first = await broker.fetch(QUEUE, 10, 5.0)
+    await pusher
+    assert [d.body for d in first] == [body(5)]
+    await broker.settle(first)
+    second = await broker.fetch(QUEUE, 10, 0.0)
+    assert [d.body for d in second] == [body(4)]
+    assert second[0].receipt is not None
+    assert await broker.fetch(QUEUE, 10, 0.0) == []
+    assert await raw.hlen(INFLIGHT) == 2  # 4 and 5, each claimed once
+
+
+async def test_settle_gives_a_landed_redelivery_its_attempt_count(broker: RedisBroker, raw: aioredis.Redis) -> None:
+    b = body(6)
+    await raw.hset(f"{{{QUEUE}}}:machinery:redelivered", hashlib.sha1(b).hexdigest(), 2)
+    pusher = asyncio.create_task(push_later(raw, b))
+    got = await broker.fetch(QUEUE, 10, 5.0)
+    await pusher
+    await broker.settle(got)
+    assert got[0].redelivered and got[0].attempts == 3
+
+
+# --- joint round trips -----------------------------------------------------------------------
+
+
+async def test_send_is_one_round_trip_when_broker_and_backend_share_redis(cnf: Config, raw: aioredis.Redis) -> None:
+    server = Server(cnf)
+    backend = server.get_backend()
+    assert isinstance(backend, RedisBackend)
+    calls = await counted(backend)  # type: ignore[arg-type]
+    sig = Signature("add", [1, 2])
+    await server.asend_task(sig)
+    assert calls == ["PIPELINE"]
+    assert await raw.lrange(QUEUE, 0, -1) == [encode_signature(sig)]
+    stored = await backend.get_state(sig.uuid)
+    assert stored is not None and stored.state == "PENDING"
+    calls.clear()
+    sigs = [Signature("add", [i, i]) for i in range(50)]
+    await server.asend_tasks(sigs)
+    assert calls == ["PIPELINE"]
+    assert await raw.llen(QUEUE) == 51
+    await server.aclose()
+
+
+async def test_no_joint_send_across_servers(cnf: Config, raw: aioredis.Redis) -> None:
+    other = Config(broker=REDIS_URL, result_backend=REDIS_URL.rsplit("/", 1)[0] + "/14")
+    backend = RedisBackend(other)
+    assert backend.joint_send(RedisBroker(other)) is None
+    assert RedisBackend(cnf).joint_send(RedisBroker(cnf)) is not None
+
+
+async def test_joint_commit_is_one_round_trip_and_reports_each_part(
+    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    backend = RedisBackend(cnf)
+    commit = backend.joint_commit(broker)
+    assert commit is not None
+    await raw.rpush(QUEUE, body(7), body(8))
+    got = await broker.fetch(QUEUE, 10, 0.0)
+    calls = await counted(backend)  # type: ignore[arg-type]
+    done = TaskState("task_0007", SUCCESS, task_name="add", created_at=datetime.now(UTC))
+    assert await commit([done], got[:1]) == (None, None)
+    assert calls == ["PIPELINE"]
+    assert await raw.hlen(INFLIGHT) == 1
+    stored = await backend.get_state("task_0007")
+    assert stored is not None and stored.state == SUCCESS
+    # A state that cannot be stored (a merge reading a key of the wrong type) fails its part only.
+    await raw.hset("task_0008", "x", "1")
+    stored_err, acked_err = await commit([TaskState("task_0008", RECEIVED)], got[1:])
+    assert isinstance(stored_err, BackendError) and "WRONGTYPE" in str(stored_err)
+    assert acked_err is None and await raw.hlen(INFLIGHT) == 0
+    await backend.close()
+
+
+# --- the worker's prefetch bound -------------------------------------------------------------
+
+
+def test_worker_runs_at_most_concurrency_and_holds_at_most_twice_that(cnf: Config) -> None:
+    server = Server(cnf)
+    running = {"now": 0, "max": 0}
+    held: list[int] = []
+    probe = redis.Redis.from_url(REDIS_URL)
+
+    @server.task
+    async def slow() -> None:
+        running["now"] += 1
+        running["max"] = max(running["max"], running["now"])
+        held.append(probe.hlen(INFLIGHT))
+        await asyncio.sleep(0.1)
+        running["now"] -= 1
+
+    started = time.monotonic()
+    with running_worker(server, concurrency=3):
+        results = server.send_tasks([Signature("slow") for _ in range(24)])
+        for r in results:
+            r.get(timeout=30)
+    assert running["max"] == 3
+    assert max(held) <= 6 and max(held) > 3  # it does prefetch, within the bound
+    assert time.monotonic() - started < 10
+    server.close()
+    probe.close()
+
+
+def test_worker_runs_on_uvloop_by_default_and_on_asyncio_when_asked(cnf: Config) -> None:
+    for kind, expected in (("auto", "uvloop"), ("asyncio", "asyncio")):
+        cnf.event_loop = kind
+        server = Server(cnf)
+
+        @server.task
+        async def loop_kind() -> str:
+            return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+        with running_worker(server):
+            assert server.send_task(Signature("loop_kind")).get(timeout=10) == expected
+        server.close()
