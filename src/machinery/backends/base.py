@@ -6,6 +6,7 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -121,14 +122,24 @@ class Backend(PortalUser, ABC):
     #: longest pause between re-reads while waiting; None = rely on wake-ups alone (in-process stores)
     poll_cap: float | None = 0.05
 
+    def remote_wakeups(self) -> AbstractContextManager[bool]:
+        """While inside, other processes' writes also wake `local_waiters` when it yields True
+        (e.g. the SQLite doorbell); then re-reads are only a safety net, made poll_cap apart."""
+        return nullcontext(False)
+
     async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
         """Wait until the task is SUCCESS or FAILURE; None when the timeout passes first.
 
-        Re-reads with a back-off up to `poll_cap`, and wakes at once on a same-process write
-        through `local_waiters`; drivers with a server-side notification override it.
+        Re-reads with a back-off up to `poll_cap` (straight at `poll_cap` while remote wake-ups
+        work), and wakes at once on a write notified through `local_waiters`; drivers with a
+        server-side notification override it.
         """
+        with self.remote_wakeups() as pushed:
+            return await self._wait_completed(task_uuid, timeout, pushed)
+
+    async def _wait_completed(self, task_uuid: str, timeout: float | None, pushed: bool) -> TaskState | None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.0005
+        delay = (self.poll_cap if pushed else None) or 0.0005
         waiters = self.local_waiters
         while True:
             fut = waiters.register(task_uuid) if waiters is not None else None

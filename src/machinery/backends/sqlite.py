@@ -3,7 +3,8 @@
 States are stored as Go's TaskState JSON so that tooling reading the file sees Machinery's shape.
 Group progress keeps one row per counted member, so counting a member is idempotent (a redelivered
 task is not counted twice) and costs O(1) whatever the group size; the chord flag is flipped by a
-single conditional UPDATE, so exactly one caller, in any process, wins it.
+single conditional UPDATE, so exactly one caller, in any process, wins it. Storing a final state
+rings the database's backend doorbell, so wait_completed in other processes wakes at once.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import json
 import sqlite3
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING
 
+from machinery._doorbell import Doorbell
 from machinery._sqlite import Schema, SQLiteDB, chunks, immediate, sqlite_path
 from machinery._waiters import Waiters
 from machinery.backends.base import Backend, GroupProgress
@@ -75,7 +78,9 @@ class SQLiteBackend(Backend):
             self.path, cnf.sqlite.busy_timeout_ms, SCHEMA, BackendError, "machinery-sqlite-backend"
         )
         self._waiters = self.local_waiters = Waiters()
-        # other processes' writes are seen by re-reading, at most this far apart
+        self._bell = Doorbell(self.path, "backend", self._waiters.notify)
+        # other processes' writes wake waiters through the doorbell, or are seen by re-reading,
+        # at most this far apart
         self.poll_cap = max(cnf.sqlite.poll_interval_ms / 1000, _MIN_POLL)
         self._next_purge = 0.0
 
@@ -97,10 +102,20 @@ class SQLiteBackend(Backend):
             return
         expires = self._expires_at_ns()
         rows = [(s.task_uuid, encode_state(s), expires) for s in states]
-        await self._db.run(partial(_write, _SET_STATE, rows, self._purge_due()))
-        for s in states:
-            if s.is_completed():
-                self._waiters.notify(s.task_uuid)
+        done = [s.task_uuid for s in states if s.is_completed()]
+        write = partial(_write, _SET_STATE, rows, self._purge_due())
+        bell = self._bell
+
+        def write_and_ring(conn: sqlite3.Connection) -> None:
+            write(conn)
+            bell.ring(done)  # right after the commit, from the database thread
+
+        await self._db.run(write_and_ring if done else write)
+        for uuid in done:
+            self._waiters.notify(uuid)
+
+    def remote_wakeups(self) -> AbstractContextManager[bool]:
+        return self._bell.listening()
 
     async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
         if not task_uuids:
@@ -169,6 +184,7 @@ class SQLiteBackend(Backend):
         await self._db.run(purge)
 
     async def close(self) -> None:
+        self._bell.close()
         await self._db.close()
 
 

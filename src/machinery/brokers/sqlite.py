@@ -4,6 +4,8 @@ Each row carries `visible_ns`, the moment it may next be fetched. A delayed mess
 visible_ns lies in the future; a fetch claims rows by moving visible_ns to the end of a lease and
 stamping a fresh lease token. A worker that dies stops renewing, so its rows simply become visible
 again when the lease runs out (at-least-once) - no mover process, nothing to lose or double.
+A publish rings the database's broker doorbell, waking fetches in other processes at once; they
+still poll, at most poll_interval_ms apart, in case a ring is lost.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from machinery._doorbell import Doorbell
 from machinery._sqlite import Schema, SQLiteDB, immediate, sqlite_path
 from machinery._waiters import Waiters
 from machinery.brokers.base import Broker, Delivery
@@ -90,6 +93,7 @@ class SQLiteBroker(Broker):
             self.path, cnf.sqlite.busy_timeout_ms, SCHEMA, BrokerError, "machinery-sqlite-broker"
         )
         self._waiters = Waiters()
+        self._bell = Doorbell(self.path, "broker", self._waiters.notify)
 
     def _route(self, sig: Signature) -> str:
         return sig.routing_key or self.cnf.default_queue
@@ -107,21 +111,33 @@ class SQLiteBroker(Broker):
         if not items:
             return
         rows = [(self._route(sig), bytes(body), eta_ns) for sig, body, eta_ns in items]
-        for queue in await self._db.run(partial(_insert, rows)):
+        bell = self._bell
+
+        def insert(conn: sqlite3.Connection) -> set[str]:
+            queues = _insert(rows, conn)
+            bell.ring(queues)  # right after the commit, from the database thread
+            return queues
+
+        for queue in await self._db.run(insert):
             self._waiters.notify(queue)
 
     # --- consuming -------------------------------------------------------------------------
 
     async def fetch(self, queue: str, max_count: int, wait: float) -> list[Delivery]:
-        """Claim a batch, polling with a growing interval (capped by poll_interval_ms) until `wait` passes.
+        """Claim a batch, waiting for a publish (or polling) until `wait` passes.
 
-        Publishes through this object wake the fetch at once; other processes' publishes are seen
-        within one poll interval.
+        Publishes wake the fetch at once: through this object directly, from other processes by
+        the doorbell. Polls, at most poll_interval_ms apart, catch what a lost ring missed; without
+        a doorbell (Windows) they start at 2 ms and grow to that cap.
         """
         if max_count <= 0:
             return []
+        with self._bell.listening() as rung:
+            return await self._fetch(queue, max_count, wait, self._poll_cap() if rung else _MIN_POLL)
+
+    async def _fetch(self, queue: str, max_count: int, wait: float, first: float) -> list[Delivery]:
         deadline = time.monotonic() + max(wait, 0.0)
-        interval = _MIN_POLL
+        interval = first
         while True:
             fut = self._waiters.register(queue)
             try:
@@ -136,7 +152,7 @@ class SQLiteBroker(Broker):
                     sleep = min(sleep, max((next_ns - time.time_ns()) / 1e9, 0.0))
                 try:
                     await asyncio.wait_for(asyncio.shield(fut), sleep)
-                    interval = _MIN_POLL
+                    interval = first
                 except TimeoutError:
                     interval = min(interval * 2, self._poll_cap())
             finally:
@@ -175,9 +191,11 @@ class SQLiteBroker(Broker):
             return
         delay_ns = int(max(delay, 0.0) * 1e9)
         await self._db.run(partial(_release, receipts, delay_ns))
-        if delay_ns == 0:
-            for queue in {d.queue for d in deliveries}:
-                self._waiters.notify(queue)
+        # A delayed requeue wakes fetchers too: they learn when to look again.
+        queues = {d.queue for d in deliveries}
+        self._bell.ring(queues)
+        for queue in queues:
+            self._waiters.notify(queue)
 
     async def renew(self, deliveries: Sequence[Delivery]) -> None:
         receipts = _receipts(deliveries)
@@ -223,6 +241,7 @@ class SQLiteBroker(Broker):
         return await self._db.run(read)
 
     async def close(self) -> None:
+        self._bell.close()
         await self._db.close()
 
 
@@ -230,18 +249,16 @@ class SQLiteBroker(Broker):
 
 
 def _insert(rows: Sequence[tuple[str, bytes, int | None]], conn: sqlite3.Connection) -> set[str]:
-    """Insert messages; the queues that received a message due now (their fetchers get woken)."""
+    """Insert messages; the queues that received one (their fetchers get woken: for a delayed
+    message, to learn when it becomes due)."""
     now = time.time_ns()
-    due: set[str] = set()
     values = []
     for queue, body, eta_ns in rows:
         visible = now if eta_ns is None or eta_ns <= now else eta_ns
-        if visible == now:
-            due.add(queue)
         values.append((queue, body, visible, visible, now))
     with immediate(conn):
         conn.executemany(_INSERT, values)
-    return due
+    return {row[0] for row in values}
 
 
 def _claim(queue: str, max_count: int, lease_ns: int, token: int, conn: sqlite3.Connection) -> _ClaimResult:
