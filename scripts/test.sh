@@ -11,6 +11,19 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[all,dev]'
+# memcached for the memcache backend's tests (Debian package; this runs as root in CI)
+if ! command -v memcached >/dev/null 2>&1 && [ ! -x /usr/bin/memcached ] && command -v apt-get >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q memcached >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q memcached >/dev/null 2>&1; } \
+    || echo "warning: could not install memcached; the memcache tests will fail with CI=true" >&2
+fi
+# SecantusDB, a MongoDB wire-protocol server, for the mongodb backend's tests: in its own venv because
+# its pins clash with botocore's (tests/mongo_server.py starts it, and creates this venv when missing)
+if [ ! -x .venv-mongo/bin/secantusd-py ]; then
+  "$PY" -m venv .venv-mongo
+  .venv-mongo/bin/python -m pip install -q 'secantusdb==0.7.0b3' \
+    || echo "warning: could not install secantusdb; the mongodb tests will fail with CI=true" >&2
+fi
 
 .venv/bin/ruff check src tests
 .venv/bin/mypy src/machinery

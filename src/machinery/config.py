@@ -193,8 +193,16 @@ class RedisConfig(_Section):
 class GCPPubSubConfig(_Section):
     client: Any = None
     max_extension: float = 0.0
+    lease_seconds: float = 30.0
+    """The ack deadline set on each fetched message (whole seconds, up to 600); the worker renews it."""
 
     _prefix = "gcppubsub."
+    _env_names = {"lease_seconds": "GCPPUBSUB_LEASE_SECONDS"}
+
+    def _validate(self) -> None:
+        if not 0 < self.lease_seconds <= 600:
+            raise ConfigError(f"config field gcppubsub.lease_seconds: must be in (0, 600], got {self.lease_seconds}")
+        _non_negative(self, "max_extension")
 
 
 @dataclass

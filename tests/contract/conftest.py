@@ -69,6 +69,8 @@ class DriverSpec(Generic[T]):
     #: documented deviations a contract test adapts to explicitly (never a silent skip), e.g.
     #: "push_consumer": deliveries are pushed to live consumers, so a requeued message may go back to
     #: the client that requeued it rather than to another one (RabbitMQ round-robin).
+    #: "no_listing": pending() and delayed() cannot list messages without receiving them and always
+    #: return [] (SQS); the tests expect [] there and check the messages by fetching them instead.
     caps: frozenset[str] = frozenset()
 
 
@@ -264,6 +266,127 @@ def _redis_backend(cluster: bool) -> Callable[[DriverEnv], AbstractAsyncContextM
     return factory
 
 
+# --- sqs (the run's moto server) ---------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _sqs_broker(env: DriverEnv) -> AsyncIterator[Broker]:
+    """Queues are named after env.namespace (created on first use); the last client out deletes them."""
+    import sqs_support
+    from machinery.brokers.sqs import SQSBroker
+    from machinery.config import SQSConfig
+
+    url = await asyncio.to_thread(sqs_support.broker_url)
+    if env.cnf.sqs.client is None:
+        env.cnf.sqs = SQSConfig(client=sqs_support.session())
+    broker = SQSBroker(env.cnf, url)
+    if env.lease_seconds is not None:
+        broker.lease_seconds = env.lease_seconds
+    env.shared["sqs_clients"] = env.shared.get("sqs_clients", 0) + 1
+    try:
+        yield broker
+    finally:
+        await broker.close()
+        env.shared["sqs_clients"] -= 1
+        if env.shared["sqs_clients"] == 0:
+            await sqs_support.delete_queues(env.namespace)
+
+
+# --- gcppubsub (the run's Pub/Sub emulator) ------------------------------------------------------
+
+
+@asynccontextmanager
+async def _pubsub_broker(env: DriverEnv) -> AsyncIterator[Broker]:
+    """Topics and subscriptions are named after env.namespace; the broker creates them on the emulator
+    and the last client out deletes them."""
+    import pubsub_emulator
+    from machinery.brokers.gcppubsub import PubSubBroker
+    from machinery.config import GCPPubSubConfig
+
+    host = await asyncio.to_thread(pubsub_emulator.emulator_host)
+    if env.lease_seconds is not None and env.cnf.gcppubsub.lease_seconds != env.lease_seconds:
+        env.cnf.gcppubsub = GCPPubSubConfig(lease_seconds=env.lease_seconds)
+    broker = PubSubBroker(env.cnf, f"gcppubsub://{pubsub_emulator.PROJECT}/{env.namespace}_sub")
+    env.shared["pubsub_clients"] = env.shared.get("pubsub_clients", 0) + 1
+    try:
+        yield broker
+    finally:
+        await broker.close()
+        env.shared["pubsub_clients"] -= 1
+        if env.shared["pubsub_clients"] == 0:
+            await asyncio.to_thread(pubsub_emulator.delete_resources, host, pubsub_emulator.PROJECT, env.namespace)
+
+
+# --- memcache (two private memcached servers) and dynamodb (the run's serial moto server) -------
+
+
+@asynccontextmanager
+async def _memcache_backend(env: DriverEnv) -> AsyncIterator[Backend]:
+    """Two servers, so every test also spreads keys across hosts; keys are random UUIDs that expire."""
+    from machinery.backends.memcache import MemcacheBackend
+    from memcached_servers import memcache_url
+
+    backend = MemcacheBackend(env.cnf, await asyncio.to_thread(memcache_url, 2))
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+@asynccontextmanager
+async def _dynamodb_backend(env: DriverEnv) -> AsyncIterator[Backend]:
+    """Tables named after env.namespace: the first client creates them, the last one out drops them."""
+    from dynamodb_support import backend_url, delete_tables, dynamodb_config
+    from machinery.backends.dynamodb import DynamoDBBackend
+
+    url = await asyncio.to_thread(backend_url)
+    if env.cnf.dynamodb.client is None:
+        env.cnf.dynamodb = dynamodb_config(env.namespace)
+    backend = DynamoDBBackend(env.cnf, url)
+    env.shared["dynamodb_clients"] = env.shared.get("dynamodb_clients", 0) + 1
+    try:
+        if not env.shared.get("dynamodb_tables"):
+            await backend.create_tables()
+            env.shared["dynamodb_tables"] = True
+        yield backend
+    finally:
+        await backend.close()
+        env.shared["dynamodb_clients"] -= 1
+        if env.shared["dynamodb_clients"] == 0:
+            await delete_tables(env.cnf)
+
+
+
+# --- mongodb (the run's SecantusDB server) ---------------------------------------------------------
+
+
+@asynccontextmanager
+async def _mongodb_backend(env: DriverEnv) -> AsyncIterator[Backend]:
+    """A database named after env.namespace; the last client out drops it."""
+    from machinery.backends.mongodb import MongoBackend
+    from machinery.config import MongoDBConfig
+    from mongo_server import mongo_url
+
+    url = await asyncio.to_thread(mongo_url)
+    if env.cnf.mongodb.database != env.namespace:
+        env.cnf.mongodb = MongoDBConfig(database=env.namespace)
+    backend = MongoBackend(env.cnf, url)
+    env.shared["mongodb_clients"] = env.shared.get("mongodb_clients", 0) + 1
+    try:
+        yield backend
+    finally:
+        await backend.close()
+        env.shared["mongodb_clients"] -= 1
+        if env.shared["mongodb_clients"] == 0:
+            from pymongo import AsyncMongoClient
+
+            client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
+            try:
+                await client.drop_database(env.namespace)
+            finally:
+                await client.close()
+
+
 # Add one entry per driver (see the module docstring).
 BROKER_DRIVERS: dict[str, DriverSpec[Broker]] = {
     "memory": DriverSpec(_memory_broker),
@@ -271,6 +394,10 @@ BROKER_DRIVERS: dict[str, DriverSpec[Broker]] = {
     "amqp": DriverSpec(_amqp_broker, marks=(pytest.mark.amqp,), caps=frozenset({"push_consumer"})),
     "redis": DriverSpec(_redis_broker(cluster=False), marks=(pytest.mark.redis,)),
     "redis-cluster": DriverSpec(_redis_broker(cluster=True), marks=(pytest.mark.redis,)),
+    # SQS can only list messages by receiving them: pending() and delayed() always return []
+    "sqs": DriverSpec(_sqs_broker, caps=frozenset({"no_listing"})),
+    # Pub/Sub cannot list a subscription without receiving: pending() and delayed() always return []
+    "gcppubsub": DriverSpec(_pubsub_broker, marks=(pytest.mark.gcppubsub,), caps=frozenset({"no_listing"})),
 }
 BACKEND_DRIVERS: dict[str, DriverSpec[Backend]] = {
     "memory": DriverSpec(_memory_backend),
@@ -278,6 +405,9 @@ BACKEND_DRIVERS: dict[str, DriverSpec[Backend]] = {
     "redis": DriverSpec(_redis_backend(cluster=False), marks=(pytest.mark.redis,)),
     "redis-cluster": DriverSpec(_redis_backend(cluster=True), marks=(pytest.mark.redis,)),
     "amqp": DriverSpec(_amqp_backend, marks=(pytest.mark.amqp,)),
+    "memcache": DriverSpec(_memcache_backend),
+    "dynamodb": DriverSpec(_dynamodb_backend),
+    "mongodb": DriverSpec(_mongodb_backend),
 }
 LOCK_DRIVERS: dict[str, DriverSpec[Lock]] = {
     "memory": DriverSpec(_memory_lock),
