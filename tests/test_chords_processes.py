@@ -39,3 +39,33 @@ def test_amqp_redis_chords_fire_exactly_once(tmp_path: Path) -> None:
     env = _env(tmp_path, AMQP_URL, url, log)
     cnf = Config(broker=AMQP_URL, result_backend=url, default_queue=env["DEFAULT_QUEUE"])
     chords_fire_exactly_once(cnf, env, log, chords=100)
+
+
+def test_forked_redis_workers_run_each_task_once(tmp_path: Path) -> None:
+    """`--processes 2` builds the app before forking: each child must still be its own consumer
+    (its own landing list), or a message one child BLMOVEd is run by both."""
+    import signal
+    import subprocess
+    import time
+
+    from machinery import Chain, Server, Signature
+    from workflow_load import CLI
+
+    require_redis(URL)
+    log = tmp_path / "runs.log"
+    env = _env(tmp_path, URL, URL, log)
+    workers = subprocess.Popen([*CLI, "worker", "--app", "apps.envapp:server", "--processes", "2"], env=env)
+    server = Server(Config(broker=URL, result_backend=URL, default_queue=env["DEFAULT_QUEUE"]))
+    try:
+        for i in range(0, 60, 3):  # small bursts into an empty queue: both children land one by BLMOVE
+            results = server.send_tasks([Signature("sleepy", [0, i + k]) for k in range(3)])
+            assert [r.get(timeout=30) for r in results] == [i, i + 1, i + 2]
+        links = [Signature("sleepy", [0, 100 + i], immutable=True) for i in range(30)]
+        assert server.send_chain(Chain(*links)).get(timeout=60) == 129
+        time.sleep(0.3)  # a duplicate would run right after its original
+    finally:
+        server.close()
+        workers.send_signal(signal.SIGTERM)
+        workers.wait(timeout=60)
+    tags = sorted(int(line.split()[0]) for line in log.read_text().splitlines())
+    assert tags == [*range(60), *range(100, 130)]

@@ -96,7 +96,7 @@ class RedisBroker(Broker):
         self.target = parse_redis_url(self.url, cnf, "broker")
         #: seconds a fetched message stays claimed without renew(); the worker renews well within it
         self.lease_seconds: float | None = cnf.redis.lease_seconds
-        self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._consumer = ("", 0)  # (id, pid): see consumer_id
         self.delayed_key = cnf.redis.delayed_tasks_key or "delayed_tasks"
         self.moving_key = tagged(self.delayed_key, ":machinery:moving")
         self.dead_letter_key = DEAD_LETTER_KEY
@@ -112,13 +112,28 @@ class RedisBroker(Broker):
 
     # --- plumbing --------------------------------------------------------------------------
 
+    @property
+    def consumer_id(self) -> str:
+        """This process's consumer name (its landing list and its entry in the consumers zset).
+
+        Made per process: a broker built before fork() (the worker supervisor imports the app,
+        then forks) must not give its children one shared landing list.
+        """
+        cid, pid = self._consumer
+        if pid != os.getpid():
+            cid = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+            self._consumer = (cid, os.getpid())
+            self._keys.clear()  # they name the landing list
+        return cid
+
     async def _client(self) -> Client:
         return await self._clients.get()
 
     def _queue_keys(self, queue: str) -> _Keys:
+        consumer = self.consumer_id  # first: after a fork it drops the parent's keys
         keys = self._keys.get(queue)
         if keys is None:
-            keys = _Keys(queue, self.consumer_id)
+            keys = _Keys(queue, consumer)
             if self._cluster and not same_slot(queue, keys.consumers):
                 raise BrokerError(f"queue name {queue!r} has a hash tag this broker cannot share a slot with")
             self._keys[queue] = keys
