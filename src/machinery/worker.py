@@ -145,6 +145,12 @@ class Worker:
             loop.call_soon_threadsafe(abort.set)
 
     @property
+    def held(self) -> int:
+        """Messages fetched and not finished yet (running, or waiting for a slot or their state
+        write); at most 2 x concurrency. A finished message waits only for its ack's round trip."""
+        return len(self._active)
+
+    @property
     def is_running(self) -> bool:
         return self._running.is_set() and not self._stopped.is_set()
 
