@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -15,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import aiormq
-import pytest
 from aiormq import exceptions as amqp_exc
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp import commands as spec
 
 from machinery.config import AMQPConfig, Config
 from naming import unique
+from servers import free_port, unavailable
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
@@ -31,17 +30,6 @@ GOLDEN = Path(__file__).parent / "golden"
 def golden(name: str) -> bytes:
     """Go's own encoding/json output (tests/golden, a copy of the reference vectors)."""
     return (GOLDEN / name).read_bytes()
-
-
-def on_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
-
-
-def unavailable(why: str) -> None:
-    """Skip locally; with CI=true an unreachable RabbitMQ is a failure."""
-    if on_ci():
-        pytest.fail(f"{why} (CI=true: an unreachable server is a failure, not a skip)")
-    pytest.skip(why)
 
 
 async def require_rabbit(url: str = AMQP_URL) -> None:
@@ -148,12 +136,6 @@ class Admin:
         for x in sorted(self.exchanges):
             await ch.exchange_delete(x)
         await ch.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrivateRabbit:

@@ -15,23 +15,12 @@ import subprocess
 import threading
 import time
 
-import pytest
+from servers import free_port, unavailable
 
 _lock = threading.Lock()
 _ports: list[int] = []
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: a missing test server is a failure, not a skip)")
-    pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _wait_up(port: int, proc: subprocess.Popen[bytes], deadline_s: float = 10.0) -> None:
@@ -48,7 +37,7 @@ def _wait_up(port: int, proc: subprocess.Popen[bytes], deadline_s: float = 10.0)
 
 
 def _start(binary: str) -> int:
-    port = _free_port()
+    port = free_port()
     args = [binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "64"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         args += ["-u", "root"]  # memcached refuses to run as root without it
@@ -76,11 +65,11 @@ def memcache_url(servers: int = 1) -> str:
     with _lock:
         binary = shutil.which("memcached") or ("/usr/bin/memcached" if os.path.exists("/usr/bin/memcached") else None)
         if binary is None:
-            _unavailable("memcached is not installed (Debian package memcached)")
+            unavailable("memcached is not installed (Debian package memcached)")
             raise AssertionError("unreachable")
         try:
             while len(_ports) < servers:
                 _ports.append(_start(binary))
         except (OSError, RuntimeError) as exc:
-            _unavailable(f"cannot start memcached: {exc}")
+            unavailable(f"cannot start memcached: {exc}")
         return "memcache://" + ",".join(f"127.0.0.1:{p}" for p in _ports[:servers])

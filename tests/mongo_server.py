@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from servers import free_port, unavailable
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-mongo"
 SERVER_BIN = VENV / "bin" / "secantusd-py"
@@ -33,17 +35,6 @@ _lock = threading.Lock()
 _urls: list[str] = []
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: a missing test server is a failure, not a skip)")
-    pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _install() -> None:
@@ -73,8 +64,8 @@ def _start() -> str:
             _install()
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", b"") or b""
-            _unavailable(f"cannot install {PACKAGE} into {VENV}: {exc} {detail.decode(errors='replace')[-1000:]}")
-    port = _free_port()
+            unavailable(f"cannot install {PACKAGE} into {VENV}: {exc} {detail.decode(errors='replace')[-1000:]}")
+    port = free_port()
     log = Path(tempfile.mkdtemp(prefix="secantusd-")) / "server.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -97,7 +88,7 @@ def _start() -> str:
         _wait_up(port, proc, log)
     except RuntimeError as exc:
         stop()
-        _unavailable(str(exc))
+        unavailable(str(exc))
     return f"mongodb://127.0.0.1:{port}/"
 
 

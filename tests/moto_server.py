@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,8 @@ import time
 import urllib.request
 
 import pytest
+
+from servers import free_port, unavailable
 
 MOTO_REGION = "us-east-1"
 MOTO_CREDENTIALS = ("testing", "testing")  # access key id, secret access key
@@ -41,17 +42,6 @@ _SERIAL_SERVER = (
 )
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: a missing test server is a failure, not a skip)")
-    pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _wait_up(url: str, proc: subprocess.Popen[bytes], deadline_s: float = 30.0) -> None:
@@ -74,8 +64,8 @@ def moto_endpoint(serial: bool = False) -> str:
             try:
                 import moto.server  # noqa: F401
             except ImportError:
-                _unavailable("moto[server] is not installed (pip install -e '.[dev]')")
-            port = _free_port()
+                unavailable("moto[server] is not installed (pip install -e '.[dev]')")
+            port = free_port()
             args = ["-c", _SERIAL_SERVER, str(port)] if serial else ["-m", "moto.server", "-H", "127.0.0.1",
                                                                      "-p", str(port)]
             proc = subprocess.Popen(
@@ -96,7 +86,7 @@ def moto_endpoint(serial: bool = False) -> str:
                 _wait_up(url, proc)
             except RuntimeError as exc:
                 stop()
-                _unavailable(str(exc))
+                unavailable(str(exc))
             _endpoints[serial] = url
         return _endpoints[serial]
 

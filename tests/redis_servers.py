@@ -19,16 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
+from servers import unavailable
 
 REDIS_URL = os.environ.get("MACHINERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-def unavailable(reason: str) -> None:
-    """Skip locally, fail in CI."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: an unreachable server is a failure, not a skip)")
-    pytest.skip(reason)
 
 
 def ping(url: str = REDIS_URL, timeout: float = 2.0, password: str = "") -> bool:

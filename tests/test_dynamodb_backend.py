@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from backend_e2e import check_task_and_chord, worker_server
 from dynamodb_support import backend_url, delete_tables, dynamodb_config
-from machinery import Chord, Config, Group, Server, Signature
+from machinery import Config, Server
 from machinery._dynamodb import parse_dynamodb_url
 from machinery.backends.dynamodb import DynamoDBBackend
 from machinery.errors import BackendError, ConfigError
@@ -160,34 +161,12 @@ def server(tmp_path: Path) -> Iterator[Server]:
             await b.close()
 
     asyncio.run(tables())
-    server = Server(cnf)
-
-    @server.task
-    def add(*args: int) -> int:
-        return sum(args)
-
-    @server.task
-    def multiply(*args: int) -> int:
-        out = 1
-        for a in args:
-            out *= a
-        return out
-
-    worker = server.new_worker("dynamodb_worker", 4)
-    stopped = worker.launch_async()
     try:
-        yield server
+        with worker_server(cnf, "dynamodb_worker") as server:
+            yield server
     finally:
-        worker.quit()
-        stopped.result(timeout=30)
-        server.close()
         asyncio.run(delete_tables(cnf))
 
 
 def test_worker_end_to_end(server: Server) -> None:
-    res = server.send_task(Signature("add", [1, 2]))
-    assert res.get(timeout=30) == 3
-    state = res.get_state()
-    assert state is not None and state.task_name == "add" and state.created_at is not None
-    group = Group(Signature("add", [1, 1]), Signature("add", [2, 2]), Signature("add", [5, 6]))
-    assert server.send_chord(Chord(group, Signature("multiply")), 0).get(timeout=30) == 88
+    check_task_and_chord(server)

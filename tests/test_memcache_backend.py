@@ -13,7 +13,8 @@ from pathlib import Path
 import aiomcache
 import pytest
 
-from machinery import Chord, Config, Group, Server, Signature
+from backend_e2e import check_task_and_chord, worker_server
+from machinery import Config, Server
 from machinery.backends.memcache import MemcacheBackend, parse_memcache_url, pick_server
 from machinery.errors import BackendError, ConfigError
 from machinery.registry import make_backend
@@ -171,33 +172,9 @@ async def test_unreachable_server_is_a_backend_error() -> None:
 def server(tmp_path: Path) -> Iterator[Server]:
     url = memcache_url(2)
     cnf = Config(broker=f"sqlite:///{tmp_path / 'broker.sqlite3'}", result_backend=url)
-    server = Server(cnf)
-
-    @server.task
-    def add(*args: int) -> int:
-        return sum(args)
-
-    @server.task
-    def multiply(*args: int) -> int:
-        out = 1
-        for a in args:
-            out *= a
-        return out
-
-    worker = server.new_worker("memcache_worker", 4)
-    stopped = worker.launch_async()
-    try:
+    with worker_server(cnf, "memcache_worker") as server:
         yield server
-    finally:
-        worker.quit()
-        stopped.result(timeout=30)
-        server.close()
 
 
 def test_worker_end_to_end(server: Server) -> None:
-    res = server.send_task(Signature("add", [1, 2]))
-    assert res.get(timeout=30) == 3
-    state = res.get_state()
-    assert state is not None and state.task_name == "add" and state.created_at is not None
-    group = Group(Signature("add", [1, 1]), Signature("add", [2, 2]), Signature("add", [5, 6]))
-    assert server.send_chord(Chord(group, Signature("multiply")), 0).get(timeout=30) == 88
+    check_task_and_chord(server)

@@ -15,7 +15,8 @@ import pytest
 from bson import Decimal128, Int64
 from pymongo import AsyncMongoClient
 
-from machinery import Chord, Config, Group, Server, Signature
+from backend_e2e import check_task_and_chord, worker_server
+from machinery import Config, Server
 from machinery.backends.mongodb import MongoBackend
 from machinery.config import MongoDBConfig
 from machinery.errors import BackendError, ConfigError
@@ -285,33 +286,9 @@ async def test_given_client_is_used_and_left_open(database: str) -> None:
 def server(tmp_path: Path, database: str) -> Iterator[Server]:
     cnf = _config(database)
     cnf.broker = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
-    server = Server(cnf)
-
-    @server.task
-    def add(*args: int) -> int:
-        return sum(args)
-
-    @server.task
-    def multiply(*args: int) -> int:
-        out = 1
-        for a in args:
-            out *= a
-        return out
-
-    worker = server.new_worker("mongodb_worker", 4)
-    stopped = worker.launch_async()
-    try:
+    with worker_server(cnf, "mongodb_worker") as server:
         yield server
-    finally:
-        worker.quit()
-        stopped.result(timeout=30)
-        server.close()
 
 
 def test_worker_end_to_end(server: Server) -> None:
-    res = server.send_task(Signature("add", [1, 2]))
-    assert res.get(timeout=30) == 3
-    state = res.get_state()
-    assert state is not None and state.task_name == "add" and state.created_at is not None
-    group = Group(Signature("add", [1, 1]), Signature("add", [2, 2]), Signature("add", [5, 6]))
-    assert server.send_chord(Chord(group, Signature("multiply")), 0).get(timeout=30) == 88
+    check_task_and_chord(server)
