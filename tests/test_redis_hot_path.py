@@ -170,6 +170,9 @@ async def test_joint_commit_is_one_round_trip_and_reports_each_part(
     stored_err, acked_err = await commit([TaskState("task_0008", RECEIVED)], got[1:])
     assert isinstance(stored_err, BackendError) and "WRONGTYPE" in str(stored_err)
     assert acked_err is None and await raw.hlen(INFLIGHT) == 0
+    # one state and nothing to ack: a single command, its error still reported, not raised
+    stored_err, acked_err = await commit([TaskState("task_0008", RECEIVED)], [])
+    assert isinstance(stored_err, BackendError) and acked_err is None
     await backend.close()
 
 

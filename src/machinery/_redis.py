@@ -346,13 +346,18 @@ class Batch:
     async def run(self, client: Client, raise_errors: bool = True) -> list[Any]:
         """Results in order; the first error is raised after every command has run (with
         raise_errors False, errors are returned in place of the results instead)."""
-        from redis.exceptions import NoScriptError
+        from redis.exceptions import NoScriptError, ResponseError
 
-        if len(self.ops) == 1 and raise_errors:
+        if len(self.ops) == 1:  # no pipeline object: redis-py's pipelines cost more than a command
             script, args = self.ops[0]
-            if script is not None:
-                return [await script(client, args[3:3 + args[2]], args[3 + args[2]:])]
-            return [await client.execute_command(*args)]
+            try:
+                if script is not None:
+                    return [await script(client, args[3:3 + args[2]], args[3 + args[2]:])]
+                return [await client.execute_command(*args)]
+            except ResponseError as exc:  # what a pipeline would return in place of the result
+                if raise_errors:
+                    raise
+                return [exc]
         results = await _pipeline(client, [a for _, a in self.ops])
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:  # a restarted or new node: load, then run only the commands that did not run
