@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -16,7 +16,7 @@ import redis
 import redis.asyncio as aioredis
 
 from machinery import Config, Server, Signature
-from machinery.backends.redis import RedisBackend
+from machinery.backends.redis import SEND_ONE, RedisBackend
 from machinery.brokers.redis import RedisBroker
 from machinery.errors import BackendError
 from machinery.tasks.signature import encode_signature
@@ -128,18 +128,30 @@ async def test_send_is_one_round_trip_when_broker_and_backend_share_redis(cnf: C
     server = Server(cnf)
     backend = server.get_backend()
     assert isinstance(backend, RedisBackend)
+    await raw.script_load(SEND_ONE.src)  # a fresh server loads it once: not counted here
     calls = await counted(backend)  # type: ignore[arg-type]
     sig = Signature("add", [1, 2])
     await server.asend_task(sig)
-    assert calls == ["PIPELINE"]
+    assert calls == ["EVALSHA"]  # one task: PENDING (SET NX) and RPUSH in one script
     assert await raw.lrange(QUEUE, 0, -1) == [encode_signature(sig)]
     stored = await backend.get_state(sig.uuid)
     assert stored is not None and stored.state == "PENDING"
+    # a state already there (the worker was faster, or a re-send) is never replaced by PENDING
+    await backend.set_states([TaskState(sig.uuid, SUCCESS, task_name="add")])
+    await server.asend_task(sig)
+    again = await backend.get_state(sig.uuid)
+    assert again is not None and again.state == SUCCESS
+    await raw.delete(QUEUE)
+    calls.clear()
+    later = Signature("add", [3, 4], eta=datetime.now(UTC) + timedelta(hours=1))
+    await server.asend_task(later)  # held back: the delayed set, in one pipeline with PENDING
+    assert calls == ["PIPELINE"]
+    assert await raw.llen(QUEUE) == 0 and await raw.zcard("delayed_tasks") == 1
     calls.clear()
     sigs = [Signature("add", [i, i]) for i in range(50)]
     await server.asend_tasks(sigs)
     assert calls == ["PIPELINE"]
-    assert await raw.llen(QUEUE) == 51
+    assert await raw.llen(QUEUE) == 50
     await server.aclose()
 
 

@@ -179,6 +179,13 @@ class RedisBroker(Broker):
         if later:
             batch.script(lua.DELAY, [self.delayed_key], [_seed(), *later])
 
+    def ready_queue(self, item: PublishItem) -> str | None:
+        """The list a message goes to now, or None when its ETA holds it in the delayed set."""
+        sig, _, eta_ns = item
+        if eta_ns is not None and eta_ns > time.time_ns():
+            return None
+        return self._route(sig)
+
     def _note_eta(self, eta_ns: int) -> None:
         at = time.monotonic() + max(0.0, (eta_ns - time.time_ns()) / 1e9)
         self._next_move = min(self._next_move, at)
