@@ -1,3 +1,4 @@
+import contextlib
 import sys
 from pathlib import Path
 
@@ -45,3 +46,25 @@ def pytest_sessionfinish(session: object, exitstatus: int) -> None:
         asyncio.run(asyncio.wait_for(purge(), 120))
     except Exception as exc:  # cleanup must never fail the run
         print(f"\nleft {len(queues)} test queues on RabbitMQ: {exc}")
+
+
+def pytest_unconfigure(config: object) -> None:
+    """Remove the SQLite doorbell sockets that processes killed by the tests left in the temp dir
+    (a bell is named after its owner's pid in hex; the live ones are kept)."""
+    import glob
+    import os
+    import tempfile
+
+    for bell in glob.glob(os.path.join(tempfile.gettempdir(), "machinery-bells-*", "*", "*.bell")):
+        try:
+            pid = int(os.path.basename(bell).split("-", 1)[0], 16)
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(bell)
+        except (ValueError, OSError):
+            continue
+    for kind_dir in glob.glob(os.path.join(tempfile.gettempdir(), "machinery-bells-*", "*")):
+        with contextlib.suppress(OSError):
+            os.rmdir(kind_dir)  # only when empty
+            os.rmdir(os.path.dirname(kind_dir))
