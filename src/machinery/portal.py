@@ -61,12 +61,27 @@ class Portal:
             # Blocking inside another event loop stalls it; still allowed (e.g. sync code in async tasks
             # run on threads), but the caller should prefer the awaitable twin.
             pass
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        # A bare lock instead of run_coroutine_threadsafe's concurrent Future and its Condition:
+        # the caller sleeps on one futex and the loop wakes it with one release.
+        loop = self.loop
+        done = threading.Lock()
+        done.acquire()
+        box: list[asyncio.Task[T]] = []
+
+        def start() -> None:
+            task = loop.create_task(coro)
+            box.append(task)
+            task.add_done_callback(lambda _: done.release())
+
         try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
+            loop.call_soon_threadsafe(start)
+        except RuntimeError:
+            coro.close()
             raise
+        if not done.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            loop.call_soon_threadsafe(lambda: box[0].cancel() if box else coro.close())
+            raise concurrent.futures.TimeoutError()
+        return box[0].result()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
