@@ -4,11 +4,7 @@ plus a SIGKILLed worker, pending tasks, and two servers with different tasks on 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +14,10 @@ import pytest
 from amqp_support import AMQP_URL, Admin, make_cnf, unavailable
 from machinery import Config, Group, Server, Signature
 from scenarios import TIMEOUT, ScenarioSuite
+from victims import kill_victim_then_rescue
 
 pytestmark = pytest.mark.amqp
 
-HERE = Path(__file__).parent
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -198,23 +194,5 @@ def test_sigkilled_worker_loses_no_task(cnf: Config, tmp_path: Path) -> None:
         return i
 
     results = [server.send_task(Signature("slow", [i])) for i in range(8)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src")])}
     args = [AMQP_URL, cnf.default_queue, cnf.amqp.exchange, cnf.amqp.binding_key, "30", "4"]
-    victim = subprocess.Popen([sys.executable, str(app), *args], env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert victim.stdout is not None
-        started = [victim.stdout.readline() for _ in range(4)]
-        assert all(line.startswith("started") for line in started), started
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=TIMEOUT)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-    worker = server.new_worker("rescuer", 4)
-    done = worker.launch_async()
-    try:
-        assert sorted(r.get(TIMEOUT) for r in results) == list(range(8))
-    finally:
-        worker.quit()
-        done.result(timeout=TIMEOUT)
-        server.close()
+    kill_victim_then_rescue(server, results, [str(app), *args])

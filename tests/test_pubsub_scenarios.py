@@ -3,10 +3,6 @@ result backend, plus a SIGKILLed worker and a custom-queue worker."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +13,10 @@ from machinery import Config, Server, Signature
 from machinery.config import GCPPubSubConfig
 from pubsub_emulator import PROJECT, delete_resources, emulator_host, raw_clients
 from scenarios import TIMEOUT, ScenarioSuite
+from victims import kill_victim_then_rescue
 
 pytestmark = pytest.mark.gcppubsub
 
-HERE = Path(__file__).parent
 
 
 @pytest.fixture
@@ -113,23 +109,5 @@ def test_sigkilled_worker_loses_no_task(names: str, tmp_path: Path) -> None:
         return i
 
     results = [server.send_task(Signature("slow", [i])) for i in range(6)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src")])}
-    victim = subprocess.Popen([sys.executable, str(app), cnf.broker, cnf.default_queue, cnf.result_backend],
-                              env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert victim.stdout is not None
-        started = [victim.stdout.readline() for _ in range(4)]
-        assert all(line.startswith("started") for line in started), started
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=TIMEOUT)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-    worker = server.new_worker("rescuer", 6)
-    done = worker.launch_async()
-    try:
-        assert sorted(r.get(TIMEOUT) for r in results) == list(range(6))
-    finally:
-        worker.quit()
-        done.result(timeout=TIMEOUT)
-        server.close()
+    kill_victim_then_rescue(server, results, [str(app), cnf.broker, cnf.default_queue, cnf.result_backend],
+                            rescuer_concurrency=6)
