@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -342,3 +343,26 @@ def _wait_for(cond: Any, timeout: float = TIMEOUT) -> None:
             return
         time.sleep(0.02)
     raise AssertionError("condition not met in time")
+
+
+@contextmanager
+def custom_queue_worker(cnf: Config, custom: str) -> Iterator[tuple[Server, AsyncResult]]:
+    """A worker on queue `custom` only; one task sent to the default queue and one to `custom`,
+    which has run when the block starts. Yields the server and the default queue's task."""
+    server = Server(cnf)
+
+    @server.task
+    def where(tag: str) -> str:
+        return tag
+
+    worker = server.new_worker("custom", 2, queue=custom)
+    done = worker.launch_async()
+    try:
+        default_res = server.send_task(Signature("where", ["default"]))
+        custom_res = server.send_task(Signature("where", ["custom"], routing_key=custom))
+        assert custom_res.get(TIMEOUT) == "custom"
+        yield server, default_res
+    finally:
+        worker.quit()
+        done.result(timeout=TIMEOUT)
+        server.close()

@@ -13,7 +13,7 @@ import pytest
 
 from amqp_support import AMQP_URL, Admin, make_cnf, unavailable
 from machinery import Config, Group, Server, Signature
-from scenarios import TIMEOUT, ScenarioSuite
+from scenarios import TIMEOUT, ScenarioSuite, custom_queue_worker
 from victims import kill_victim_then_rescue
 
 pytestmark = pytest.mark.amqp
@@ -139,25 +139,12 @@ def test_workers_only_consume_registered_tasks(cnf: Config) -> None:
 
 
 def test_custom_queue_worker_does_not_get_default_tasks(cnf: Config) -> None:
-    server = Server(cnf)
     custom = f"{cnf.default_queue}_custom"
-
-    @server.task
-    def where(tag: str) -> str:
-        return tag
-
-    worker = server.new_worker("custom", 2, queue=custom)
-    done = worker.launch_async()
     try:
-        default_res = server.send_task(Signature("where", ["default"]))
-        custom_res = server.send_task(Signature("where", ["custom"], routing_key=custom))
-        assert custom_res.get(TIMEOUT) == "custom"
-        time.sleep(0.5)
-        assert [s.uuid for s in server.get_broker().get_pending_tasks()] == [default_res.signature.uuid]
+        with custom_queue_worker(cnf, custom) as (server, default_res):
+            time.sleep(0.5)
+            assert [s.uuid for s in server.get_broker().get_pending_tasks()] == [default_res.signature.uuid]
     finally:
-        worker.quit()
-        done.result(timeout=TIMEOUT)
-        server.close()
         _cleanup(cnf, custom)
 
 

@@ -12,7 +12,7 @@ import pytest
 from machinery import Config, Server, Signature
 from machinery.config import GCPPubSubConfig
 from pubsub_emulator import PROJECT, delete_resources, emulator_host, raw_clients
-from scenarios import TIMEOUT, ScenarioSuite
+from scenarios import ScenarioSuite, custom_queue_worker
 from victims import kill_victim_then_rescue
 
 pytestmark = pytest.mark.gcppubsub
@@ -47,25 +47,8 @@ class TestPubSubSQLiteScenarios(ScenarioSuite):
 
 def test_custom_queue_worker_reads_its_own_subscription(names: str, tmp_path: Path) -> None:
     cnf = make_cnf(names, tmp_path)
-    server = Server(cnf)
-    custom = f"{names}_custom"
-
-    @server.task
-    def where(tag: str) -> str:
-        return tag
-
-    worker = server.new_worker("custom", 2, queue=custom)
-    done = worker.launch_async()
-    try:
-        default_res = server.send_task(Signature("where", ["default"]))
-        custom_res = server.send_task(Signature("where", ["custom"], routing_key=custom))
-        assert custom_res.get(TIMEOUT) == "custom"
-        with pytest.raises(TimeoutError):
-            default_res.get(timeout=0.5)
-    finally:
-        worker.quit()
-        done.result(timeout=TIMEOUT)
-        server.close()
+    with custom_queue_worker(cnf, f"{names}_custom") as (_, default_res), pytest.raises(TimeoutError):
+        default_res.get(timeout=0.5)
     # The default task is still waiting in the URL's subscription.
     with raw_clients(emulator_host()) as (_, sub):
         path = f"projects/{PROJECT}/subscriptions/{names}_sub"

@@ -275,10 +275,7 @@ class MemcacheBackend(Backend):
             if old is None:
                 out.append(s)
                 continue
-            out.append(TaskState(
-                s.task_uuid, s.state, task_name=s.task_name or old.task_name, results=s.results,
-                error=s.error, created_at=s.created_at or old.created_at, ttl=s.ttl,
-            ))
+            out.append(s.filled_from(old))
         return out
 
     async def set_pending(self, states: Sequence[TaskState]) -> None:
@@ -304,10 +301,7 @@ class MemcacheBackend(Backend):
                 old = _decode(raw, decode_state)
                 if old.task_name and old.created_at is not None:
                     return
-                new = encode_state(TaskState(
-                    old.task_uuid, old.state, task_name=old.task_name or state.task_name, results=old.results,
-                    error=old.error, created_at=old.created_at or state.created_at, ttl=old.ttl,
-                ))
+                new = encode_state(old.filled_from(state))
             if await self._call(key, client.cas, key, _Stamped(new, expires), token, expires):
                 return
 

@@ -73,6 +73,14 @@ class TaskState:
     def is_completed(self) -> bool:
         return self.state in (SUCCESS, FAILURE)
 
+    def filled_from(self, other: TaskState) -> TaskState:
+        """This state, with TaskName and CreatedAt taken from `other` where this one has none
+        (Go's merge rule: a later state keeps the name and creation time PENDING stored)."""
+        return TaskState(
+            self.task_uuid, self.state, task_name=self.task_name or other.task_name, results=self.results,
+            error=self.error, created_at=self.created_at or other.created_at, ttl=self.ttl,
+        )
+
     def is_success(self) -> bool:
         return self.state == SUCCESS
 
