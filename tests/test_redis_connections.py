@@ -125,3 +125,31 @@ async def test_scripts_reload_after_the_server_forgets_them(tmp_path: Path) -> N
         await backend.close()
     finally:
         server.kill()
+
+
+async def test_a_write_to_a_stalled_server_times_out(tmp_path: Path) -> None:
+    """Writes are bounded by read_timeout (our timer in place of redis-py's wait_for): a server
+    that stops reading makes a large write fail with the driver's error, not hang."""
+    import os
+    import signal
+    import time
+
+    from machinery.errors import BackendError
+
+    server = PrivateRedis(tmp_path / "data").start()
+    cnf = Config(broker=server.url, result_backend=server.url, redis=RedisConfig(read_timeout=1))
+    backend = RedisBackend(cnf)
+    try:
+        await backend.set_state(TaskState("task_w", SUCCESS, task_name="add"))  # connected and working
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        big = TaskState("task_w", SUCCESS, task_name="add", results=[TaskResult("string", "x" * 64_000_000)])
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="(?i)timeout"):
+            await backend.set_state(big)
+        assert time.monotonic() - started < 20  # bounded: the client's retries, each within 1 s
+    finally:
+        if server.proc is not None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        await backend.close()
+        server.kill()
