@@ -16,7 +16,8 @@ import redis
 import redis.asyncio as aioredis
 
 from machinery import Config, Server, Signature
-from machinery.backends.redis import SEND_ONE, RedisBackend
+from machinery.backends.redis import COMMIT, SEND_ONE, RedisBackend
+from machinery.brokers import _redis_lua as lua
 from machinery.brokers.redis import RedisBroker
 from machinery.errors import BackendError
 from machinery.tasks.signature import encode_signature
@@ -128,7 +129,8 @@ async def test_send_is_one_round_trip_when_broker_and_backend_share_redis(cnf: C
     server = Server(cnf)
     backend = server.get_backend()
     assert isinstance(backend, RedisBackend)
-    await raw.script_load(SEND_ONE.src)  # a fresh server loads it once: not counted here
+    for script in (SEND_ONE, lua.DELAY):  # a fresh server loads each once: not counted here
+        await raw.script_load(script.src)
     calls = await counted(backend)  # type: ignore[arg-type]
     sig = Signature("add", [1, 2])
     await server.asend_task(sig)
@@ -185,6 +187,36 @@ async def test_joint_commit_is_one_round_trip_and_reports_each_part(
     # one state and nothing to ack: a single command, its error still reported, not raised
     stored_err, acked_err = await commit([TaskState("task_0008", RECEIVED)], [])
     assert isinstance(stored_err, BackendError) and acked_err is None
+    await backend.close()
+
+
+async def test_joint_commit_pairs_a_state_with_its_ack_atomically(
+    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    backend = RedisBackend(cnf)
+    commit = backend.joint_commit(broker)
+    assert commit is not None
+    await raw.rpush(QUEUE, body(7), body(8))
+    got = await broker.fetch(QUEUE, 10, 0.0)
+    assert await raw.hlen(INFLIGHT) == 2
+    await raw.script_load(COMMIT.src)  # a fresh server loads it once: not counted here
+    calls = await counted(backend)  # type: ignore[arg-type]
+    done = TaskState("task_0007", SUCCESS, task_name="add", created_at=datetime.now(UTC))
+    # one state and its ack: a single script call, no pipeline
+    assert await commit([], [], [(done, got[0])]) == (None, None)
+    assert calls == ["EVALSHA"]
+    stored = await backend.get_state("task_0007")
+    assert stored is not None and stored.state == SUCCESS
+    assert await raw.hlen(INFLIGHT) == 1
+    # A pair whose state cannot be stored keeps its message claimed: no ack without its state.
+    await raw.hset("task_0008", "x", "1")
+    stored_err, acked_err = await commit([], [], [(TaskState("task_0008", SUCCESS), got[1])])
+    assert isinstance(stored_err, BackendError) and "WRONGTYPE" in str(stored_err)
+    assert acked_err is None
+    assert await raw.hlen(INFLIGHT) == 1
+    await raw.delete("task_0008")
+    assert await commit([], [], [(TaskState("task_0008", SUCCESS), got[1])]) == (None, None)
+    assert await raw.hlen(INFLIGHT) == 0
     await backend.close()
 
 

@@ -2,13 +2,16 @@
 
 Everything queued while a flush is in flight goes out together in the next one, so batch size
 follows load: one round trip per task when idle, one per hundreds of tasks when busy. States are
-coalesced per task (STARTED queued but not yet written is replaced by SUCCESS), and an ack is
-only queued by the worker after the task's final state has been flushed.
+coalesced per task (STARTED queued but not yet written is replaced by SUCCESS). An ack goes out
+only once its task's final state is stored: either queued by the worker after that state was
+flushed, or paired with the state (store(state, ack)) and sent in the same flush after it (in one
+atomic call where the stores allow it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING
 
 from machinery.log import get_logger
@@ -22,15 +25,22 @@ if TYPE_CHECKING:
 class Committer:
     """Runs as one background task per worker; call put_state/ack from the worker's event loop."""
 
+    #: seconds lone acks wait for a state write to ride with, when both go in one round trip
+    #: (a joint commit): when tasks trickle in, each task then costs one write less
+    ack_linger = 0.02
+
     def __init__(self, backend: Backend, broker: Broker) -> None:
         self._backend = backend
         self._broker = broker
         self._states: dict[str, TaskState] = {}
         self._futures: list[asyncio.Future[None]] = []
         self._acks: list[Delivery] = []
+        self._paired: dict[str, Delivery] = {}  # task uuid -> ack due once that task's state is stored
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._state_queued = asyncio.Event()
+        self._draining = False
         self._closed = False
         self._joint = backend.joint_commit(broker)
 
@@ -40,11 +50,15 @@ class Committer:
         self._states[state.task_uuid] = state
         self._idle.clear()
         self._wake.set()
+        self._state_queued.set()
 
-    async def store(self, state: TaskState) -> None:
-        """Queue a state and wait until it (or a later one) is stored."""
+    async def store(self, state: TaskState, ack: Delivery | None = None) -> None:
+        """Queue a state and wait until it (or a later one) is stored; with `ack`, that delivery
+        is acked right after the state, in the same flush (for a task with nothing left to do)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._futures.append(fut)
+        if ack is not None:
+            self._paired[state.task_uuid] = ack
         self.put_state(state)
         await fut
 
@@ -58,17 +72,42 @@ class Committer:
         delay = 0.05
         while True:
             await self._wake.wait()
+            if self._joint is not None and self._acks and not self._states and not self._draining:
+                self._state_queued.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._state_queued.wait(), self.ack_linger)
             self._wake.clear()
-            states, futures, acks = self._states, self._futures, self._acks
-            self._states, self._futures, self._acks = {}, [], []
+            states, futures, acks, paired = self._states, self._futures, self._acks, self._paired
+            self._states, self._futures, self._acks, self._paired = {}, [], [], {}
+            pairs: list[tuple[TaskState, Delivery]] = []
+            deferred: list[Delivery] = []  # claims still running: acked with the next flush
+            for uuid, d in paired.items():
+                st = states.get(uuid)
+                if st is None:
+                    acks.append(d)
+                elif self._broker.settled(d):
+                    pairs.append((st, d))
+                else:  # waiting for the claim would hold back the state (and its waiters)
+                    deferred.append(d)
+            in_pairs = {st.task_uuid for st, _ in pairs}
+            plain = [st for uuid, st in states.items() if uuid not in in_pairs]
             # The acks queued here belong to tasks whose final states an earlier flush stored, so
             # both writes go out at once: one round trip per flush, not two.
             if self._joint is not None and (states or acks):
-                stored, acked = await self._joint(list(states.values()), acks)
-            elif states and acks:
-                stored, acked = await asyncio.gather(self._store(states), self._ack(acks))
+                stored, acked = await self._joint(plain, acks, pairs)
             else:
-                stored, acked = await self._store(states), await self._ack(acks)
+                if states and acks:
+                    stored, acked = await asyncio.gather(self._store(states), self._ack(acks))
+                else:
+                    stored, acked = await self._store(states), await self._ack(acks)
+                if stored is None and pairs:  # their states are in: ack them now, or with the next flush
+                    later = [d for _, d in pairs]
+                    if (late := await self._ack(later)) is not None:
+                        log.error("acking %d messages failed, retrying: %s", len(later), late)
+                        deferred.extend(later)
+            if stored is None and deferred:
+                self._acks.extend(deferred)
+                self._wake.set()
             if isinstance(stored, Exception):
                 log.error("storing %d task states failed, retrying in %.2f s: %s", len(states), delay, stored)
             if isinstance(acked, Exception):
@@ -79,12 +118,12 @@ class Committer:
                         fut.set_result(None)
             if stored is not None or acked is not None:
                 self._requeue(states if stored is not None else {}, futures if stored is not None else [],
-                              acks if acked is not None else [])
+                              acks if acked is not None else [], paired if stored is not None else {})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.05
-            if not self._states and not self._acks:
+            if not self._states and not self._acks and not self._paired:
                 self._idle.set()
 
     async def _store(self, states: dict[str, TaskState]) -> Exception | None:
@@ -104,8 +143,9 @@ class Committer:
         return None
 
     def _requeue(self, states: dict[str, TaskState], futures: list[asyncio.Future[None]],
-                 acks: list[Delivery]) -> None:
-        """Put a failed batch back in front of anything queued since (newer states win)."""
+                 acks: list[Delivery], paired: dict[str, Delivery]) -> None:
+        """Put a failed batch back in front of anything queued since (newer states win; a pair
+        stays a pair, so its ack still waits for its state)."""
         merged = dict(states)
         for uuid, st in self._states.items():
             merged.pop(uuid, None)
@@ -113,8 +153,14 @@ class Committer:
         self._states = merged
         self._futures = futures + self._futures
         self._acks = acks + self._acks
+        self._paired = {**paired, **self._paired}
         self._wake.set()
 
     async def drain(self) -> None:
         """Wait until everything queued so far is written and acked."""
-        await self._idle.wait()
+        self._draining = True
+        self._state_queued.set()
+        try:
+            await self._idle.wait()
+        finally:
+            self._draining = False

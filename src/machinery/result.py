@@ -33,6 +33,17 @@ def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
+async def _prefetch(results: list[AsyncResult]) -> None:
+    """Read the states of many results in one call, so only unfinished ones are waited for."""
+    todo = [r for r in results if r._state is None or not r._state.is_completed()]
+    if len(todo) < 2:
+        return
+    states = await todo[0]._backend.get_states([r.task_uuid for r in todo])
+    for r, st in zip(todo, states, strict=True):
+        if st is not None:
+            r._state = st
+
+
 class AsyncResult:
     """The result of one sent task."""
 
@@ -89,6 +100,7 @@ class GroupAsyncResult:
 
     async def aget(self, timeout: float | None = None) -> list[Any]:
         deadline = _deadline(timeout)
+        await _prefetch(self.results)
         out = []
         for r in self.results:
             out.append(await r.aget(_left(deadline)))

@@ -363,7 +363,11 @@ class Worker:
 
     async def _succeed(self, d: Delivery, sig: Signature, results: list[TaskResult]) -> None:
         assert self._committer is not None
-        await self._committer.store(TaskState(sig.uuid, SUCCESS, task_name=sig.name, results=results))
+        state = TaskState(sig.uuid, SUCCESS, task_name=sig.name, results=results)
+        if not sig.on_success and not (sig.group_uuid and sig.chord_callback is not None):
+            await self._committer.store(state, ack=d)  # nothing follows: the ack goes with the state
+            return
+        await self._committer.store(state)
         if sig.on_success:
             follow = list(sig.on_success)
             if not sig.immutable:
@@ -385,7 +389,13 @@ class Worker:
         assert self._committer is not None
         get_logger().error("task %s (%s) failed: %s", sig.name, sig.uuid, error,
                            exc_info=(type(exc), exc, exc.__traceback__))
-        await self._committer.store(TaskState(sig.uuid, FAILURE, task_name=sig.name, error=error))
+        state = TaskState(sig.uuid, FAILURE, task_name=sig.name, error=error)
+        if not (sig.on_error or (sig.group_uuid and sig.chord_callback is not None)
+                or sig.stop_task_deletion_on_error):
+            await self._committer.store(state, ack=d)  # nothing follows: the ack goes with the state
+            await self._report(exc)
+            return
+        await self._committer.store(state)
         await self._report(exc)
         if sig.on_error:
             for cb in sig.on_error:

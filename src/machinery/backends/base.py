@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
 #: stores PENDING states and publishes messages together
 JointSend = Callable[[Sequence[TaskState], Sequence["PublishItem"]], Awaitable[None]]
-#: stores states and acks deliveries together; returns the error of each part (None = done)
-JointCommit = Callable[[Sequence[TaskState], Sequence["Delivery"]],
+#: stores states and acks deliveries together, and each paired state with its delivery's ack
+#: atomically; returns the error of each part (None = done; a failed pair counts as a state error)
+JointCommit = Callable[[Sequence[TaskState], Sequence["Delivery"], Sequence[tuple[TaskState, "Delivery"]]],
                        Awaitable[tuple[Exception | None, Exception | None]]]
 
 

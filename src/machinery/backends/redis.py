@@ -30,6 +30,7 @@ from machinery._redis import (
     wrap_errors,
 )
 from machinery.backends.base import Backend, GroupProgress, JointCommit, JointSend
+from machinery.brokers._redis_lua import ACK_FN
 from machinery.brokers.base import PerLoop
 from machinery.errors import BackendError
 from machinery.tasks import gojson
@@ -71,36 +72,55 @@ local function raw_string(s, key)
 end
 """
 
-# KEYS: task uuids. ARGV: expiry, channel prefix, then one per key: a flag digit (1 merge TaskName,
-# 2 merge CreatedAt, 4 publish) and the JSON; when merging, the JSON in five NUL-separated parts
-# (head, name token, middle, created token, tail). One argument per state keeps packing cheap.
-SET_STATES = LuaScript(_RAW_STRING + """
-local ex, prefix = ARGV[1], ARGV[2]
-for i, key in ipairs(KEYS) do
-  local arg = ARGV[i + 2]
-  local flags = string.byte(arg, 1) - 48
-  local json
-  if flags % 4 == 0 then
-    json = string.sub(arg, 2)
-  else
-    local cut, p = {}, 2
-    for k = 1, 4 do
-      local q = string.find(arg, '\\0', p, true)
-      cut[k] = string.sub(arg, p, q - 1)
-      p = q + 1
+# store(first, last, base) writes KEYS[first..last] from ARGV[base + i]: a flag digit (1 merge
+# TaskName, 2 merge CreatedAt, 4 publish) and the JSON; when merging, the JSON in five NUL-separated
+# parts (head, name token, middle, created token, tail). One argument per state keeps packing cheap.
+_STORE_FN = _RAW_STRING + """
+local function store(ex, prefix, first, last, base)
+  for i = first, last do
+    local key, arg = KEYS[i], ARGV[base + i]
+    local flags = string.byte(arg, 1) - 48
+    local json
+    if flags % 4 == 0 then
+      json = string.sub(arg, 2)
+    else
+      local cut, p = {}, 2
+      for k = 1, 4 do
+        local q = string.find(arg, '\\0', p, true)
+        cut[k] = string.sub(arg, p, q - 1)
+        p = q + 1
+      end
+      local name, created = cut[2], cut[4]
+      local old = redis.call('GET', key)
+      if old then
+        if flags % 2 == 1 then name = raw_string(old, '"TaskName":') or name end
+        if math.floor(flags / 2) % 2 == 1 then created = raw_string(old, '"CreatedAt":') or created end
+      end
+      json = cut[1] .. name .. cut[3] .. created .. string.sub(arg, p)
     end
-    local name, created = cut[2], cut[4]
-    local old = redis.call('GET', key)
-    if old then
-      if flags % 2 == 1 then name = raw_string(old, '"TaskName":') or name end
-      if math.floor(flags / 2) % 2 == 1 then created = raw_string(old, '"CreatedAt":') or created end
-    end
-    json = cut[1] .. name .. cut[3] .. created .. string.sub(arg, p)
+    redis.call('SET', key, json, 'EX', ex)
+    if flags >= 4 then redis.call('PUBLISH', prefix .. key, json) end
   end
-  redis.call('SET', key, json, 'EX', ex)
-  if flags >= 4 then redis.call('PUBLISH', prefix .. key, json) end
 end
+"""
+
+# KEYS: task uuids. ARGV: expiry, channel prefix, then one state argument per key (see store).
+SET_STATES = LuaScript(_STORE_FN + """
+store(ARGV[1], ARGV[2], 1, #KEYS, 2)
 return #KEYS
+""")
+
+# A worker's commit of finished tasks, atomic: their final states, then their acks; an error in
+# a state write stops the script before any ack, so no message is released without its state.
+# KEYS: n task uuids, then the queue's inflight, leases and redelivered keys. ARGV: expiry,
+# channel prefix, n state arguments (see store), then the n delivery ids.
+COMMIT = LuaScript(_STORE_FN + ACK_FN + """
+local n = #KEYS - 3
+store(ARGV[1], ARGV[2], 1, n, 2)
+local ids = {}
+for i = n + 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+ack(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], ids)
+return n
 """)
 
 # KEYS: task uuids. ARGV: expiry, the state JSONs in KEYS order, each ended by a newline (encoded
@@ -220,24 +240,33 @@ class RedisBackend(Backend):
                 batch.script(SET_STATES, [s.task_uuid for s in part], [*head, *map(_state_arg, part)])
 
     def joint_commit(self, broker: Broker) -> JointCommit | None:
-        """States and acks in one pipeline when the broker is a Redis broker on the same server."""
+        """States and acks in one pipeline when the broker is a Redis broker on the same server;
+        each paired state and its ack go in one script, so neither lands without the other."""
         from machinery.brokers.redis import RedisBroker
 
         if not isinstance(broker, RedisBroker) or broker.target != self.target or self._cluster:
             return None
 
-        async def commit(states: Sequence[TaskState], acks: Sequence[Delivery]) -> tuple[Exception | None,
-                                                                                            Exception | None]:
-            if acks:
-                await broker.settle(acks)
+        async def commit(states: Sequence[TaskState], acks: Sequence[Delivery],
+                         paired: Sequence[tuple[TaskState, Delivery]] = ()) -> tuple[Exception | None,
+                                                                                     Exception | None]:
+            if acks or paired:
+                await broker.settle([*acks, *(d for _, d in paired)])
             batch = Batch()
             self._state_ops(batch, states)
+            head = [self.expire_in, CHANNEL_PREFIX]
+            for keys, pairs in broker.ack_groups(paired):
+                for i in range(0, len(pairs), self.chunk):
+                    part = pairs[i:i + self.chunk]
+                    batch.script(COMMIT, [*(s.task_uuid for s, _ in part), *keys],
+                                 [*head, *(_state_arg(s) for s, _ in part), *(r for _, r in part)])
             n = len(batch)
             broker.ack_ops(batch, acks)
             try:
                 results = await batch.run(await self._client(), raise_errors=False)
             except Exception as exc:
-                return (BackendError(f"redis backend: {exc}") if states else None), exc if acks else None
+                return ((BackendError(f"redis backend: {exc}") if states or paired else None),
+                        exc if acks else None)
             failed_states = next((r for r in results[:n] if isinstance(r, Exception)), None)
             failed_acks = next((r for r in results[n:] if isinstance(r, Exception)), None)
             return (None if failed_states is None else BackendError(f"redis backend: {failed_states}"),
@@ -378,31 +407,26 @@ class RedisBackend(Backend):
         notifier = self._notifiers.get(lambda: _Notifier(client))
         channel = (CHANNEL_PREFIX + task_uuid).encode()
         waiter = _Waiter()
-        # Subscribe and read at the same time: one round trip when the task is already done, and the
-        # read after the subscription is confirmed (below) catches a state stored in between.
-        added, first = await asyncio.gather(notifier.add(channel, waiter), self.get_state(task_uuid),
-                                            return_exceptions=True)
-        if isinstance(added, BaseException):
-            raise added
+        # Subscribe, then read once the subscription is confirmed (the reader wakes the waiter):
+        # a state stored before that is read, one stored after is published to us. Reading at
+        # once as well would save a round trip only when the task is already done, and costs a
+        # read for every wait on a running task.
+        await notifier.add(channel, waiter)
         try:
-            if isinstance(first, BaseException):
-                raise first
-            if first is not None and first.is_completed():
-                return first
-            if cancel_requested():  # our timeout (turned into None above) or the caller's cancel
-                raise asyncio.CancelledError
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
             recheck = 0.25
             while True:
                 step = recheck
                 if deadline is not None:
                     step = min(step, deadline - time.monotonic())
-                    if step <= 0:
-                        return None
+                    if step <= 0:  # one last look: the confirmation may not have come yet
+                        stored = await self.get_state(task_uuid)
+                        return stored if stored is not None and stored.is_completed() else None
                 try:
-                    await asyncio.wait_for(waiter.event.wait(), step)
+                    async with asyncio.timeout(step):  # a timer; wait_for would add a Task per wait
+                        await waiter.event.wait()
                 except TimeoutError:
+                    if cancel_requested():  # the caller's own timeout or cancel, not our step
+                        raise
                     recheck = min(recheck * 2, 1.0)
                 waiter.event.clear()
                 data, waiter.data = waiter.data, None
@@ -464,13 +488,20 @@ class _Notifier:
 
     Every subscribe confirmation (first subscribe, and the resubscribe after a reconnect) wakes the
     channel's waiters to re-read the state, so a completion published while not subscribed is
-    still seen.
+    still seen. A channel left without waiters stays subscribed for a moment and is then
+    unsubscribed together with others in one command: no extra write and reply per wait.
     """
+
+    #: seconds an unwatched channel stays subscribed; more than this many are dropped at once
+    linger = 0.05
+    max_idle = 500
 
     def __init__(self, client: Client) -> None:
         self._pubsub = client.pubsub()
         self._channels: dict[bytes, set[_Waiter]] = {}
         self._confirmed: set[bytes] = set()
+        self._idle: set[bytes] = set()  # subscribed, nobody waiting: dropped by the next sweep
+        self._sweep: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()  # orders SUBSCRIBE / UNSUBSCRIBE on the connection
         self._reader: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -483,6 +514,11 @@ class _Notifier:
                 waiter.wake(None)
             return
         self._channels[channel] = {waiter}
+        if channel in self._idle:  # still subscribed: no new SUBSCRIBE
+            self._idle.discard(channel)
+            if channel in self._confirmed:
+                waiter.wake(None)
+            return
         self._confirmed.discard(channel)
         try:
             async with self._lock:
@@ -498,18 +534,34 @@ class _Notifier:
         if waiters is None:
             return
         waiters.discard(waiter)
-        if not waiters:
-            del self._channels[channel]
-            self._confirmed.discard(channel)
-            task = asyncio.get_running_loop().create_task(self._unsubscribe(channel))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if waiters:
+            return
+        del self._channels[channel]
+        self._idle.add(channel)
+        if len(self._idle) >= self.max_idle:
+            self._start_sweep()
+        elif self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(self.linger, self._start_sweep)
 
-    async def _unsubscribe(self, channel: bytes) -> None:
+    def _start_sweep(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        channels = [c for c in self._idle if c not in self._channels]
+        self._idle.clear()
+        if not channels:
+            return
+        self._confirmed.difference_update(channels)
+        task = asyncio.get_running_loop().create_task(self._unsubscribe(channels))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _unsubscribe(self, channels: list[bytes]) -> None:
         async with self._lock:
-            if channel not in self._channels:
+            gone = [c for c in channels if c not in self._channels]  # not taken up again meanwhile
+            if gone:
                 with contextlib.suppress(Exception):
-                    await self._pubsub.unsubscribe(channel)
+                    await self._pubsub.unsubscribe(*gone)
 
     async def _read(self) -> None:
         backoff = 0.05
@@ -541,6 +593,9 @@ class _Notifier:
                     w.wake(None)
 
     async def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(BaseException):

@@ -149,16 +149,24 @@ if #z == 0 then return 0 end
 return redis.call('ZADD', KEYS[1], 'XX', 'CH', unpack(z))
 """)
 
-# KEYS: inflight, leases, redelivered; ARGV: ids
-ACK = LuaScript("""
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  local bodies = redis.call('HMGET', KEYS[1], unpack(ARGV))
-  for _, m in ipairs(bodies) do
-    if m then redis.call('HDEL', KEYS[3], redis.sha1hex(m)) end
+# Release claimed ids: their bodies, leases and redelivery marks. Also part of the result
+# backend's COMMIT script (a task's final state and its ack in one atomic call).
+ACK_FN = """
+local function ack(inflight, leases, redelivered, ids)
+  if redis.call('EXISTS', redelivered) == 1 then
+    local bodies = redis.call('HMGET', inflight, unpack(ids))
+    for _, m in ipairs(bodies) do
+      if m then redis.call('HDEL', redelivered, redis.sha1hex(m)) end
+    end
   end
+  redis.call('ZREM', leases, unpack(ids))
+  return redis.call('HDEL', inflight, unpack(ids))
 end
-redis.call('ZREM', KEYS[2], unpack(ARGV))
-return redis.call('HDEL', KEYS[1], unpack(ARGV))
+"""
+
+# KEYS: inflight, leases, redelivered; ARGV: ids
+ACK = LuaScript(ACK_FN + """
+return ack(KEYS[1], KEYS[2], KEYS[3], ARGV)
 """)
 
 # KEYS: delayed zset; ARGV: seed, then score/member pairs

@@ -120,6 +120,10 @@ class Broker(PortalUser, ABC):
         round trip sooner; ack(), requeue(), renew() and dead_letter() settle by themselves.
         """
 
+    def settled(self, delivery: Delivery) -> bool:
+        """Whether the delivery's claim is complete (settle() would not wait)."""
+        return True
+
     @abstractmethod
     async def pending(self, queue: str) -> list[bytes]:
         """The bodies waiting in `queue`, oldest first, without consuming them."""

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from redis.exceptions import ConnectionError as _RConnectionError
@@ -44,6 +44,8 @@ from machinery.brokers.base import Broker, Delivery, PublishItem
 from machinery.errors import BrokerError
 from machinery.log import get_logger
 from machinery.tasks import gojson
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from machinery.config import Config
@@ -109,6 +111,10 @@ class RedisBroker(Broker):
         #: deliveries handed out straight from BLMOVE whose claim is still running
         self._landing: dict[Delivery, asyncio.Task[None]] = {}
         self._claimed_extra: dict[str, list[Delivery]] = {}
+        #: queue -> monotonic time of its next lease lapse, set when a landed message's claim found
+        #: the queue empty: the next fetch blocks at once instead of claiming again (one round trip
+        #: less per task when work trickles in)
+        self._drained: dict[str, float] = {}
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -207,11 +213,16 @@ class RedisBroker(Broker):
             if extra:
                 return extra
             try:
+                lapse = self._drained.pop(queue, None)
                 if time.monotonic() >= self._next_move:
                     await self._move_due(client)
-                got, next_lease = await self._claim(client, keys, max_count)
-                if got:
-                    return got
+                    lapse = None
+                if lapse is None:
+                    got, next_lease = await self._claim(client, keys, max_count)
+                    if got:
+                        return got
+                else:
+                    next_lease = lapse - time.monotonic()
                 if cancel_requested():
                     raise asyncio.CancelledError
                 now = time.monotonic()
@@ -232,7 +243,7 @@ class RedisBroker(Broker):
                 # so the task starts one round trip sooner. Anything else the claim finds is kept
                 # for the next fetch.
                 d = Delivery(landed, keys.queue)
-                task = asyncio.get_running_loop().create_task(self._claim_landed(client, keys, d))
+                task = asyncio.get_running_loop().create_task(self._claim_landed(client, keys, d, max_count))
                 self._landing[d] = task
                 task.add_done_callback(functools.partial(self._landed, d))
                 return [d]
@@ -251,13 +262,14 @@ class RedisBroker(Broker):
             cap = min(cap, max(0.05, read - 1.0))
         return cap
 
-    async def _claim_landed(self, client: Client, keys: _Keys, d: Delivery) -> None:
-        """Claim what our landing list holds and give `d` its receipt; retried until it works (the
-        landing list keeps the message meanwhile, and a dead consumer's list is reaped)."""
+    async def _claim_landed(self, client: Client, keys: _Keys, d: Delivery, count: int) -> None:
+        """Claim what our landing list holds (and up to `count` in all) and give `d` its receipt;
+        retried until it works (the landing list keeps the message meanwhile, and a dead
+        consumer's list is reaped)."""
         backoff = 0.05
         while True:
             try:
-                got, _ = await self._claim(client, keys, 1)
+                got, next_lease = await self._claim(client, keys, count)
                 break
             except _TRANSIENT as exc:
                 get_logger().warning("claiming a landed message from %s failed, retrying: %s", keys.queue, exc)
@@ -269,11 +281,16 @@ class RedisBroker(Broker):
                 d.receipt, d.redelivered, d.attempts = c.receipt, c.redelivered, c.attempts
             else:
                 rest.append(c)
-        if rest:  # left in the landing list by a fetch cancelled inside BLMOVE
+        if rest:  # more queued work, or left in the landing list by a fetch cancelled inside BLMOVE
             self._claimed_extra.setdefault(keys.queue, []).extend(rest)
+        if len(got) < count:
+            self._drained[keys.queue] = time.monotonic() + next_lease
 
     def _landed(self, d: Delivery, _: object) -> None:
         self._landing.pop(d, None)
+
+    def settled(self, delivery: Delivery) -> bool:
+        return delivery not in self._landing
 
     async def settle(self, deliveries: Sequence[Delivery]) -> None:
         tasks = [t for d in deliveries if (t := self._landing.get(d)) is not None]
@@ -305,6 +322,19 @@ class RedisBroker(Broker):
         for queue, ids in _group(deliveries).items():
             keys = self._queue_keys(queue)
             batch.script(lua.ACK, [keys.inflight, keys.leases, keys.redelivered], ids)
+
+    def ack_groups(self, paired: Sequence[tuple[T, Delivery]]) -> list[tuple[list[str], list[tuple[T, Any]]]]:
+        """`paired` grouped by queue: the queue's ack keys (inflight, leases, redelivered) and each
+        item with its delivery's receipt id; deliveries not claimed here are left out."""
+        groups: dict[str, list[tuple[T, Any]]] = {}
+        for item, d in paired:
+            if d.receipt is not None:
+                groups.setdefault(d.queue, []).append((item, d.receipt))
+        out = []
+        for queue, items in groups.items():
+            keys = self._queue_keys(queue)
+            out.append(([keys.inflight, keys.leases, keys.redelivered], items))
+        return out
 
     @_wrap
     async def renew(self, deliveries: Sequence[Delivery]) -> None:
