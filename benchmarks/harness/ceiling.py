@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -52,6 +53,44 @@ def redis_py(url: str, n: int) -> dict[str, float]:
     return out
 
 
+# A second process that hands every message straight back: the least work a worker can do.
+ECHO = """
+import sys, redis
+r = redis.Redis.from_url(sys.argv[1])
+while True:
+    _, body = r.blpop("bench:echo:in")
+    if body == b"stop":
+        break
+    r.rpush("bench:echo:out", body)
+"""
+
+
+def redis_py_echo(url: str, n: int = 1000) -> dict[str, float]:
+    """Send-and-wait through Redis between two Python processes with no task queue at all:
+    RPUSH, an echo process's BLPOP + RPUSH, our BLPOP. The floor for a round-trip latency."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    r.delete("bench:echo:in", "bench:echo:out")
+    echo = subprocess.Popen([sys.executable, "-c", ECHO, url])
+    try:
+        for _ in range(50):  # warm up (and wait for the echo process to start)
+            r.rpush("bench:echo:in", PAYLOAD)
+            r.blpop(["bench:echo:out"], timeout=30)
+        rtts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r.rpush("bench:echo:in", PAYLOAD)
+            r.blpop(["bench:echo:out"], timeout=30)
+            rtts.append(time.perf_counter() - t0)
+    finally:
+        r.rpush("bench:echo:in", b"stop")
+        echo.wait(timeout=30)
+        r.close()
+    rtts.sort()
+    return {"echo_p50_ms": rtts[len(rtts) // 2] * 1000, "echo_p99_ms": rtts[int(len(rtts) * 0.99)] * 1000}
+
+
 def redis_benchmark(port: int, requests: int) -> dict[str, float]:
     """`redis-benchmark -q -t rpush,lpop -P 100`: requests per second, C client, 50 connections."""
     cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-q", "-t", "rpush,lpop", "-P", str(BATCH),
@@ -64,4 +103,4 @@ def redis_benchmark(port: int, requests: int) -> dict[str, float]:
 
 
 def measure(url: str, port: int, n: int) -> dict[str, Any]:
-    return {**redis_py(url, n), **redis_benchmark(port, max(100_000, n * 10))}
+    return {**redis_py(url, n), **redis_py_echo(url), **redis_benchmark(port, max(100_000, n * 10))}
