@@ -80,31 +80,25 @@ class Committer:
             states, futures, acks, paired = self._states, self._futures, self._acks, self._paired
             self._states, self._futures, self._acks, self._paired = {}, [], [], {}
             pairs: list[tuple[TaskState, Delivery]] = []
-            deferred: list[Delivery] = []  # claims still running: acked with the next flush
+            deferred: list[Delivery] = []  # acked with the next flush, alongside its states
             for uuid, d in paired.items():
                 st = states.get(uuid)
                 if st is None:
                     acks.append(d)
-                elif self._broker.settled(d):
+                elif self._joint is not None and self._broker.settled(d):
                     pairs.append((st, d))
-                else:  # waiting for the claim would hold back the state (and its waiters)
-                    deferred.append(d)
+                else:  # two stores (acking now would add a round trip to this flush), or a
+                    deferred.append(d)  # claim still running (waiting for it would hold the state back)
             in_pairs = {st.task_uuid for st, _ in pairs}
             plain = [st for uuid, st in states.items() if uuid not in in_pairs]
             # The acks queued here belong to tasks whose final states an earlier flush stored, so
             # both writes go out at once: one round trip per flush, not two.
             if self._joint is not None and (states or acks):
                 stored, acked = await self._joint(plain, acks, pairs)
+            elif states and acks:
+                stored, acked = await asyncio.gather(self._store(states), self._ack(acks))
             else:
-                if states and acks:
-                    stored, acked = await asyncio.gather(self._store(states), self._ack(acks))
-                else:
-                    stored, acked = await self._store(states), await self._ack(acks)
-                if stored is None and pairs:  # their states are in: ack them now, or with the next flush
-                    later = [d for _, d in pairs]
-                    if (late := await self._ack(later)) is not None:
-                        log.error("acking %d messages failed, retrying: %s", len(later), late)
-                        deferred.extend(later)
+                stored, acked = await self._store(states), await self._ack(acks)
             if stored is None and deferred:
                 self._acks.extend(deferred)
                 self._wake.set()
