@@ -145,7 +145,7 @@ async def test_a_write_to_a_stalled_server_times_out(tmp_path: Path) -> None:
         os.kill(server.proc.pid, signal.SIGSTOP)
         big = TaskState("task_w", SUCCESS, task_name="add", results=[TaskResult("string", "x" * 64_000_000)])
         started = time.monotonic()
-        with pytest.raises(BackendError, match="(?i)timeout"):
+        with pytest.raises(BackendError, match=r"(?i)timeout"):
             await backend.set_state(big)
         assert time.monotonic() - started < 20  # bounded: the client's retries, each within 1 s
     finally:

@@ -16,8 +16,10 @@ import redis
 import redis.asyncio as aioredis
 
 from machinery import Config, Server, Signature
-from machinery.backends.redis import COMMIT, SEND_ONE, RedisBackend
+from machinery.backends.base import JointCommit
+from machinery.backends.redis import COMMIT, SEND_ONE, SET_STATES, RedisBackend
 from machinery.brokers import _redis_lua as lua
+from machinery.brokers.base import Delivery
 from machinery.brokers.redis import RedisBroker
 from machinery.errors import BackendError
 from machinery.tasks.signature import encode_signature
@@ -164,28 +166,40 @@ async def test_no_joint_send_across_servers(cnf: Config, raw: aioredis.Redis) ->
     assert RedisBackend(cnf).joint_send(RedisBroker(cnf)) is not None
 
 
-async def test_joint_commit_is_one_round_trip_and_reports_each_part(
+async def joint_commit_with_two_claimed(
     cnf: Config, broker: RedisBroker, raw: aioredis.Redis
-) -> None:
+) -> tuple[RedisBackend, JointCommit, list[Delivery], list[str], TaskState]:
+    """A backend's joint commit, two claimed messages (tasks 7 and 8), a call counter started after
+    COMMIT is loaded, and task 7's SUCCESS state."""
     backend = RedisBackend(cnf)
     commit = backend.joint_commit(broker)
     assert commit is not None
     await raw.rpush(QUEUE, body(7), body(8))
     got = await broker.fetch(QUEUE, 10, 0.0)
+    assert await raw.hlen(INFLIGHT) == 2
+    for script in (COMMIT, SET_STATES, lua.ACK):  # a fresh server loads each once: not counted here
+        await raw.script_load(script.src)
     calls = await counted(backend)  # type: ignore[arg-type]
     done = TaskState("task_0007", SUCCESS, task_name="add", created_at=datetime.now(UTC))
-    assert await commit([done], got[:1]) == (None, None)
+    return backend, commit, got, calls, done
+
+
+async def test_joint_commit_is_one_round_trip_and_reports_each_part(
+    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    backend, commit, got, calls, done = await joint_commit_with_two_claimed(cnf, broker, raw)
+    assert await commit([done], got[:1], []) == (None, None)
     assert calls == ["PIPELINE"]
     assert await raw.hlen(INFLIGHT) == 1
     stored = await backend.get_state("task_0007")
     assert stored is not None and stored.state == SUCCESS
     # A state that cannot be stored (a merge reading a key of the wrong type) fails its part only.
     await raw.hset("task_0008", "x", "1")
-    stored_err, acked_err = await commit([TaskState("task_0008", RECEIVED)], got[1:])
+    stored_err, acked_err = await commit([TaskState("task_0008", RECEIVED)], got[1:], [])
     assert isinstance(stored_err, BackendError) and "WRONGTYPE" in str(stored_err)
     assert acked_err is None and await raw.hlen(INFLIGHT) == 0
     # one state and nothing to ack: a single command, its error still reported, not raised
-    stored_err, acked_err = await commit([TaskState("task_0008", RECEIVED)], [])
+    stored_err, acked_err = await commit([TaskState("task_0008", RECEIVED)], [], [])
     assert isinstance(stored_err, BackendError) and acked_err is None
     await backend.close()
 
@@ -193,15 +207,7 @@ async def test_joint_commit_is_one_round_trip_and_reports_each_part(
 async def test_joint_commit_pairs_a_state_with_its_ack_atomically(
     cnf: Config, broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
-    backend = RedisBackend(cnf)
-    commit = backend.joint_commit(broker)
-    assert commit is not None
-    await raw.rpush(QUEUE, body(7), body(8))
-    got = await broker.fetch(QUEUE, 10, 0.0)
-    assert await raw.hlen(INFLIGHT) == 2
-    await raw.script_load(COMMIT.src)  # a fresh server loads it once: not counted here
-    calls = await counted(backend)  # type: ignore[arg-type]
-    done = TaskState("task_0007", SUCCESS, task_name="add", created_at=datetime.now(UTC))
+    backend, commit, got, calls, done = await joint_commit_with_two_claimed(cnf, broker, raw)
     # one state and its ack: a single script call, no pipeline
     assert await commit([], [], [(done, got[0])]) == (None, None)
     assert calls == ["EVALSHA"]
