@@ -11,7 +11,6 @@ and respects Go's redsync `TriggerChordMutex`, so a mixed Go/Python fleet never 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 import uuid
@@ -29,6 +28,7 @@ from machinery._redis import (
     tagged,
     wrap_errors,
 )
+from machinery.backends._redis_notify import Notifier, Waiter
 from machinery.backends.base import Backend, GroupProgress, JointCommit, JointSend
 from machinery.brokers._redis_lua import ACK_FN
 from machinery.brokers.base import PerLoop
@@ -209,7 +209,7 @@ class RedisBackend(Backend):
         super().__init__(cnf, url or cnf.result_backend)
         self.target = parse_redis_url(self.url, cnf, "result_backend")
         self._clients = Clients(self.target, cnf)
-        self._notifiers: PerLoop[_Notifier] = PerLoop()
+        self._notifiers: PerLoop[Notifier] = PerLoop()
         self._cluster = self.target.cluster
 
     async def _client(self) -> Client:
@@ -404,9 +404,9 @@ class RedisBackend(Backend):
     @_wrap
     async def _wait(self, task_uuid: str, deadline: float | None) -> TaskState | None:
         client = await self._client()
-        notifier = self._notifiers.get(lambda: _Notifier(client))
+        notifier = self._notifiers.get(lambda: Notifier(client))
         channel = (CHANNEL_PREFIX + task_uuid).encode()
-        waiter = _Waiter()
+        waiter = Waiter()
         # Subscribe, then read once the subscription is confirmed (the reader wakes the waiter):
         # a state stored before that is read, one stored after is published to us. Reading at
         # once as well would save a round trip only when the task is already done, and costs a
@@ -468,137 +468,3 @@ def _state_arg(s: TaskState) -> bytes:
 
 
 _FLAG = [str(n).encode() for n in range(8)]
-
-
-class _Waiter:
-    __slots__ = ("data", "event")
-
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-        self.data: bytes | None = None
-
-    def wake(self, data: bytes | None) -> None:
-        if data is not None:
-            self.data = data
-        self.event.set()
-
-
-class _Notifier:
-    """One pub/sub connection per event loop, shared by all waiters on it.
-
-    Every subscribe confirmation (first subscribe, and the resubscribe after a reconnect) wakes the
-    channel's waiters to re-read the state, so a completion published while not subscribed is
-    still seen. A channel left without waiters stays subscribed for a moment and is then
-    unsubscribed together with others in one command: no extra write and reply per wait.
-    """
-
-    #: seconds an unwatched channel stays subscribed; more than this many are dropped at once
-    linger = 0.05
-    max_idle = 500
-
-    def __init__(self, client: Client) -> None:
-        self._pubsub = client.pubsub()
-        self._channels: dict[bytes, set[_Waiter]] = {}
-        self._confirmed: set[bytes] = set()
-        self._idle: set[bytes] = set()  # subscribed, nobody waiting: dropped by the next sweep
-        self._sweep: asyncio.TimerHandle | None = None
-        self._lock = asyncio.Lock()  # orders SUBSCRIBE / UNSUBSCRIBE on the connection
-        self._reader: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def add(self, channel: bytes, waiter: _Waiter) -> None:
-        waiters = self._channels.get(channel)
-        if waiters is not None:
-            waiters.add(waiter)
-            if channel in self._confirmed:
-                waiter.wake(None)
-            return
-        self._channels[channel] = {waiter}
-        if channel in self._idle:  # still subscribed: no new SUBSCRIBE
-            self._idle.discard(channel)
-            if channel in self._confirmed:
-                waiter.wake(None)
-            return
-        self._confirmed.discard(channel)
-        try:
-            async with self._lock:
-                await self._pubsub.subscribe(channel)
-        except BaseException:
-            self.remove(channel, waiter)
-            raise
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
-
-    def remove(self, channel: bytes, waiter: _Waiter) -> None:
-        waiters = self._channels.get(channel)
-        if waiters is None:
-            return
-        waiters.discard(waiter)
-        if waiters:
-            return
-        del self._channels[channel]
-        self._idle.add(channel)
-        if len(self._idle) >= self.max_idle:
-            self._start_sweep()
-        elif self._sweep is None:
-            self._sweep = asyncio.get_running_loop().call_later(self.linger, self._start_sweep)
-
-    def _start_sweep(self) -> None:
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
-        channels = [c for c in self._idle if c not in self._channels]
-        self._idle.clear()
-        if not channels:
-            return
-        self._confirmed.difference_update(channels)
-        task = asyncio.get_running_loop().create_task(self._unsubscribe(channels))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _unsubscribe(self, channels: list[bytes]) -> None:
-        async with self._lock:
-            gone = [c for c in channels if c not in self._channels]  # not taken up again meanwhile
-            if gone:
-                with contextlib.suppress(Exception):
-                    await self._pubsub.unsubscribe(*gone)
-
-    async def _read(self) -> None:
-        backoff = 0.05
-        while True:
-            try:
-                msg = await self._pubsub.get_message(timeout=None)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # connection trouble: redis-py reconnects and resubscribes
-                for group in list(self._channels.values()):
-                    for w in group:
-                        w.wake(None)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-                continue
-            backoff = 0.05
-            if not msg:
-                continue
-            kind, channel = msg["type"], msg["channel"]
-            waiters = self._channels.get(channel)
-            if waiters is None:
-                continue
-            if kind == "message":
-                for w in waiters:
-                    w.wake(msg["data"])
-            elif kind == "subscribe":
-                self._confirmed.add(channel)
-                for w in waiters:
-                    w.wake(None)
-
-    async def close(self) -> None:
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reader
-        with contextlib.suppress(Exception):
-            await self._pubsub.aclose()
