@@ -6,12 +6,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from machinery import Chord, Config, Group, Server, Signature
+from machinery.testing import running_worker
 
 
-@contextmanager
-def worker_server(cnf: Config, name: str) -> Iterator[Server]:
-    """A Server with `add` and `multiply`, and a worker running them until the block ends."""
-    server = Server(cnf)
+def add_arithmetic(server: Server) -> None:
+    """Register the `add` and `multiply` tasks the end-to-end checks send."""
 
     @server.task
     def add(*args: int) -> int:
@@ -24,13 +23,16 @@ def worker_server(cnf: Config, name: str) -> Iterator[Server]:
             out *= a
         return out
 
-    worker = server.new_worker(name, 4)
-    stopped = worker.launch_async()
+
+@contextmanager
+def worker_server(cnf: Config, name: str, concurrency: int = 4) -> Iterator[Server]:
+    """A Server with `add` and `multiply`, and a worker running them until the block ends."""
+    server = Server(cnf)
+    add_arithmetic(server)
     try:
-        yield server
+        with running_worker(server, concurrency, name=name):
+            yield server
     finally:
-        worker.quit()
-        stopped.result(timeout=30)
         server.close()
 
 

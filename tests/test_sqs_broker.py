@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import sqs_support
+from backend_e2e import worker_server
 from machinery import Chord, Config, Group, Server, Signature
 from machinery._sqs import DEFAULT_REGION, parse_sqs_url, send_batches
 from machinery.brokers.sqs import ETA_ATTR, SQSBroker, dead_letter_queue
@@ -262,28 +263,10 @@ def test_server_and_worker_run_a_task_and_a_chord(
     """End to end through the registry (Go's http:// form), SQLite results, a worker of unlimited concurrency."""
     monkeypatch.setenv("DISABLE_STRICT_SQS_CHECK", "1")
     cnf.result_backend = f"sqlite:///{tmp_path / 'results.sqlite3'}"
-    server = Server(cnf)
-    assert isinstance(server.get_broker(), SQSBroker)
-
-    @server.task
-    def add(*args: int) -> int:
-        return sum(args)
-
-    @server.task
-    def multiply(*args: int) -> int:
-        out = 1
-        for a in args:
-            out *= a
-        return out
-
-    worker = server.new_worker("e2e", 0)  # Go's SQS broker receives nothing at concurrency 0
-    done = worker.launch_async()
-    try:
+    # Go's SQS broker receives nothing at concurrency 0
+    with worker_server(cnf, "e2e", concurrency=0) as server:
+        assert isinstance(server.get_broker(), SQSBroker)
         assert server.send_task(Signature("add", [1, 2])).get(20) == 3
         chord = Chord(Group(Signature("add", [1, 1]), Signature("add", [2, 2]), Signature("add", [5, 6])),
                       Signature("multiply"))
         assert server.send_chord(chord).get(20) == 88
-    finally:
-        worker.quit()
-        done.result(30)
-        server.close()

@@ -16,9 +16,10 @@ def memory_server(**config: object) -> Server:
 
 
 @contextmanager
-def running_worker(server: Server, concurrency: int = 10, queue: str | None = None) -> Iterator[Worker]:
+def running_worker(server: Server, concurrency: int = 10, queue: str | None = None,
+                   name: str = "test-worker") -> Iterator[Worker]:
     """Run a worker in a background thread for the duration of the block, then stop it gracefully."""
-    worker = server.new_worker("test-worker", concurrency, queue)
+    worker = server.new_worker(name, concurrency, queue)
     done = worker.launch_async()
     try:
         yield worker
