@@ -3,9 +3,10 @@
 Everything queued while a flush is in flight goes out together in the next one, so batch size
 follows load: one round trip per task when idle, one per hundreds of tasks when busy. States are
 coalesced per task (STARTED queued but not yet written is replaced by SUCCESS). An ack goes out
-only once its task's final state is stored: either queued by the worker after that state was
-flushed, or paired with the state (store(state, ack)) and sent in the same flush after it (in one
-atomic call where the stores allow it).
+only once its task's final state is stored: queued by the worker after that state was flushed, or
+paired with the state (store(state, ack)). A pair goes in one atomic call when broker and backend
+share a server (a joint commit) and its claim has settled; otherwise its ack goes with the next
+flush, alongside that flush's states.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Committer:
 
     async def store(self, state: TaskState, ack: Delivery | None = None) -> None:
         """Queue a state and wait until it (or a later one) is stored; with `ack`, that delivery
-        is acked right after the state, in the same flush (for a task with nothing left to do)."""
+        is acked once the state is stored (for a task with nothing left to do; see the module doc)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._futures.append(fut)
         if ack is not None:
@@ -75,7 +76,8 @@ class Committer:
             if self._joint is not None and self._acks and not self._states and not self._draining:
                 self._state_queued.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._state_queued.wait(), self.ack_linger)
+                    async with asyncio.timeout(self.ack_linger):
+                        await self._state_queued.wait()
             self._wake.clear()
             states, futures, acks, paired = self._states, self._futures, self._acks, self._paired
             self._states, self._futures, self._acks, self._paired = {}, [], [], {}
