@@ -223,6 +223,73 @@ async def test_max_extension_stops_renewal(names: str) -> None:
         await other.close()
 
 
+async def answered_while_nobody_waits(broker: Any, sig: Signature) -> Any:
+    """Leave a Pull in flight (a cancelled fetch), publish, and wait until that Pull brings the message.
+
+    The Pull runs to 6 s (the emulator answers an empty one about 1 s before), so the message comes
+    in its answer, at a moment no fetch waits for it: the race the contract tests hit at random.
+    """
+    queue = broker.cnf.default_queue
+    sub = broker._sub_path(queue)
+    waiting = asyncio.ensure_future(broker.fetch(queue, 10, 5.0))
+    deadline = time.monotonic() + 10
+    while not (sub in broker._link().pulls and broker._link().pulls[sub].waiters):
+        assert time.monotonic() < deadline, "the fetch never started its Pull"
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    pull = broker._link().pulls[sub]
+    assert not pull.task.done() and pull.waiters == 0
+    await broker.publish(sig, sig.to_json(), None)
+    await asyncio.wait({pull.task}, timeout=5)
+    assert len(pull.task.result().received_messages) == 1, "the Pull in flight did not bring the message"
+    await asyncio.sleep(0)  # its done callbacks have run
+    return pull
+
+
+async def test_answer_nobody_waited_for_is_adopted_without_another_delivery(broker: Any, names: str) -> None:
+    """The next fetch takes the kept answer: no hand-back, which Pub/Sub would count as a delivery."""
+    from machinery.brokers.gcppubsub import PubSubBroker
+
+    sig = Signature("add", [1], routing_key=broker.cnf.default_queue)
+    await answered_while_nobody_waits(broker, sig)
+    started = time.monotonic()
+    got = await broker.fetch(broker.cnf.default_queue, 10, 2.0)
+    assert time.monotonic() - started < 1.0
+    assert [d.body for d in got] == [sig.to_json()]
+    assert (got[0].attempts, got[0].redelivered) == (1, False)
+    other = PubSubBroker(cnf_for(names))
+    try:
+        assert await other.fetch(broker.cnf.default_queue, 10, 1.2) == []  # leased to us, not handed back
+    finally:
+        await other.close()
+    await broker.ack(got)
+
+
+@pytest.mark.parametrize("how", ["grace", "close"])
+async def test_answer_nobody_adopts_goes_back(broker: Any, names: str, how: str) -> None:
+    """Kept past the grace, or when the broker closes, the answer goes back (not left to its 30 s deadline)."""
+    from machinery.brokers.gcppubsub import PubSubBroker
+
+    broker.keep_grace = 0.3 if how == "grace" else 4.0
+    sig = Signature("add", [1], routing_key=broker.cnf.default_queue)
+    pull = await answered_while_nobody_waits(broker, sig)
+    if how == "grace":
+        await asyncio.sleep(0.5)
+        assert pull.claimed
+    await broker.close()
+    other = PubSubBroker(cnf_for(names))
+    try:
+        got = await other.fetch(broker.cnf.default_queue, 10, 3.0)  # before a 4 s grace would end
+        assert [d.body for d in got] == [sig.to_json()]
+        assert got[0].attempts == 2
+        await other.ack(got)
+    finally:
+        await other.close()
+
+
 async def test_unreachable_service_is_a_broker_error(names: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 

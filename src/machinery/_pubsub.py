@@ -133,21 +133,45 @@ class InFlightPull:
 
     A fetch that stops waiting (its `wait` passed, or it was cancelled) leaves the RPC running
     rather than cutting it off: a response lost to a deadline or a cancel may carry messages,
-    which would then stay invisible until their ack deadline. The next fetch adopts the RPC; if
-    nobody waits for it when it answers, its messages are handed straight back.
+    which would then stay invisible until their ack deadline. The next fetch adopts the RPC. If
+    it answers with messages while nobody waits, the answer is kept for the next fetch for a
+    short grace (`keep`) and handed back only if none takes it by then: handing it back at once
+    would count one more delivery attempt and delay the messages.
     """
 
     def __init__(self, task: asyncio.Future[Any]) -> None:
         self.task = task
         self.waiters = 0
         self.claimed = False
+        #: loop time at which a kept answer goes back (None: not kept)
+        self.kept_until: float | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._give_back: Callable[[], None] | None = None
 
     def claim(self) -> bool:
         """True once, for whoever takes the finished RPC's outcome."""
         if self.claimed or not self.task.done():
             return False
         self.claimed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
         return True
+
+    def keep(self, grace: float, give_back: Callable[[], None]) -> None:
+        """Leave the finished answer for the next fetch; `give_back` runs if none claims it in `grace` s."""
+        loop = asyncio.get_running_loop()
+        self.kept_until = loop.time() + grace
+        self._give_back = give_back
+        self._expiry = loop.call_at(self.kept_until, give_back)
+
+    def overdue(self) -> bool:
+        """Kept past its grace (the loop was too busy to run the timer): no longer ours to hand out."""
+        return self.kept_until is not None and asyncio.get_running_loop().time() > self.kept_until
+
+    def give_back_now(self) -> None:
+        """Closing: a kept answer goes back at once instead of when its grace ends."""
+        if self._give_back is not None and not self.claimed:
+            self._give_back()
 
 
 class Link:
@@ -164,7 +188,8 @@ class Link:
             ) from None
         self.ensured: set[str] = set()  # resource paths this loop created or found
         self.deadlines: dict[str, int | None] = {}  # subscription path -> its ack deadline (None: unknown)
-        self.pulls: dict[str, InFlightPull] = {}  # subscription path -> its pull in flight
+        self.pulls: dict[str, InFlightPull] = {}  # subscription path -> its pull in flight (or kept answer)
+        self.closing = False  # answers that come in now go straight back
         self._background: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -180,9 +205,12 @@ class Link:
             get_logger().warning("Pub/Sub background call failed: %s", describe(exc))
 
     async def close(self) -> None:
+        self.closing = True
         running = [p.task for p in self.pulls.values() if not p.task.done()]
         if running:  # let them answer (within their deadline) so that their messages are handed back
             await asyncio.wait(running, timeout=5)
+        for pull in list(self.pulls.values()):
+            pull.give_back_now()
         if self._background:
             await asyncio.wait(list(self._background), timeout=5)
         for client in (self.publisher, self.subscriber):

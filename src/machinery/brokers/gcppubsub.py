@@ -7,10 +7,13 @@ Q (which must be attached to topic Q). Go workers and producers share these topi
 subscriptions with Python ones.
 
 Consuming: fetch() pulls (unary Pull, max_messages = the free slots) until messages arrive or
-`wait` passes; a receipt is the message's ack_id. Every fetched message gets its ack deadline set to
-`gcppubsub.lease_seconds` (skipped when the subscription's own deadline is that already), which
-the worker's renew loop extends for long tasks (stopping after `gcppubsub.max_extension` seconds
-when that is set, Go's MaxExtension); a worker that dies stops renewing and Pub/Sub redelivers.
+`wait` passes; a receipt is the message's ack_id. A fetch that stops waiting leaves its Pull in
+flight; messages it brings while no fetch waits are kept for the next fetch for up to 2 s (then
+handed back), so they do not count one more delivery attempt. Every fetched message gets its ack
+deadline set to `gcppubsub.lease_seconds` (skipped when the subscription's own deadline is that
+already and the message was not kept), which the worker's renew loop extends for long tasks
+(stopping after `gcppubsub.max_extension` seconds when that is set, Go's MaxExtension); a worker
+that dies stops renewing and Pub/Sub redelivers.
 ack() acknowledges in batches, requeue(delay) sets the deadline to the delay (at most 600 s),
 `attempts` is the subscription's delivery_attempt (only Pub/Sub subscriptions with a dead-letter
 policy count them; otherwise every delivery reports 1).
@@ -92,6 +95,9 @@ _MIN_PULL_TIMEOUT = 0.05
 #: a Pull's deadline runs this long past the wait of the fetch that starts it (the emulator answers an
 #: empty pull about 1 s before its deadline)
 PULL_GRACE = 1.0
+#: seconds the answer of a pull nobody waits for stays kept for the next fetch: well inside the shortest
+#: ack deadline a subscription can have (10 s), so a kept message cannot lapse to another consumer
+KEEP_GRACE = 2.0
 _INSPECT_WAIT = 2.0  # an empty pull is trusted only after a long poll (a short one may miss messages)
 
 
@@ -116,6 +122,8 @@ class PubSubBroker(Broker):
         self.max_delivery_attempts = 100
         #: seconds an RPC keeps being retried on transient errors before it fails
         self.retry_window = 30.0
+        #: seconds a pull's answer that came when no fetch waited is kept for the next one (< 10 s)
+        self.keep_grace = KEEP_GRACE
         self._links: PerLoop[Link] = PerLoop()
 
     def _link(self) -> Link:
@@ -230,7 +238,7 @@ class PubSubBroker(Broker):
         deadline = time.monotonic() + max(wait, 0.0)
         ready: list[Delivery] = []
         soon: list[tuple[int, Delivery]] = []  # due before this fetch returns: kept here until then
-        tried = pulled_ok = False
+        tried = pulled_ok = aged = False
         failure: BaseException | None = None
         poll = _MIN_POLL
         try:
@@ -250,13 +258,14 @@ class PubSubBroker(Broker):
                 started = time.monotonic()
                 tried = True
                 try:
-                    got = await self._pull(link, queue, sub, room, timeout)
+                    got, kept = await self._pull(link, queue, sub, room, timeout)
                 except TRANSIENT as exc:
                     failure = exc
                     await asyncio.sleep(min(max(deadline - time.monotonic(), 0.0), poll))
                     poll = min(poll * 2, _MAX_POLL)
                     continue
                 pulled_ok = True
+                aged = aged or kept
                 if not got:
                     # An empty answer well before the wait is over (the service may do that): poll.
                     if time.monotonic() - started < timeout * 0.9:
@@ -280,7 +289,7 @@ class PubSubBroker(Broker):
                 await self._hold(link, sub, soon)
                 soon = []
             if ready:
-                await self._lease(link, sub, ready)
+                await self._lease(link, sub, ready, force=aged)
         except BaseException:
             # Cancelled or failed after claiming: give everything back (held ones until their ETA).
             if ready:
@@ -292,9 +301,11 @@ class PubSubBroker(Broker):
             raise BrokerError(f"Pub/Sub pull from {sub}: {describe(failure)}") from failure
         return ready
 
-    async def _pull(self, link: Link, queue: str, sub: str, count: int, wait: float) -> list[tuple[int, Delivery]]:
-        """(due time in Unix ns, delivery) per message the subscription's pull in flight brings
-        within `wait` seconds; a new Pull (deadline `wait` + PULL_GRACE) when none is in flight."""
+    async def _pull(self, link: Link, queue: str, sub: str, count: int,
+                    wait: float) -> tuple[list[tuple[int, Delivery]], bool]:
+        """(due time in Unix ns, delivery) per message the subscription's pull in flight (or kept
+        answer) brings within `wait` seconds, and whether the answer was kept; a new Pull (deadline
+        `wait` + PULL_GRACE) when none is in flight."""
         pull = link.pulls.get(sub)
         if pull is None or pull.claimed:
             request = {"subscription": sub, "max_messages": count}
@@ -310,8 +321,11 @@ class PubSubBroker(Broker):
             self._unwaited(link, sub, pull)
             raise
         pull.waiters -= 1
+        if pull.overdue():  # its grace ran out before the timer could hand it back: it goes back now
+            self._give_back(link, sub, pull)
+            return [], False
         if not pull.claim():
-            return []  # still in flight (a later fetch adopts it), or another fetch took it
+            return [], False  # still in flight (a later fetch adopts it), or another fetch took it
         if link.pulls.get(sub) is pull:
             del link.pulls[sub]
         try:
@@ -319,7 +333,7 @@ class PubSubBroker(Broker):
         except BrokerError as exc:
             if isinstance(exc.__cause__, TRANSIENT):
                 if isinstance(exc.__cause__, gexc.DeadlineExceeded):
-                    return []  # the service held the pull to its deadline: nothing came
+                    return [], False  # the service held the pull to its deadline: nothing came
                 raise exc.__cause__ from None
             raise
         received = list(resp.received_messages)
@@ -328,17 +342,26 @@ class PubSubBroker(Broker):
             received = received[:count]
         fetched_at = time.monotonic()
         now_ns = time.time_ns()
-        return [_delivery(queue, sub, m, fetched_at, now_ns) for m in received]
+        return [_delivery(queue, sub, m, fetched_at, now_ns) for m in received], pull.kept_until is not None
 
     def _unwaited(self, link: Link, sub: str, pull: InFlightPull, _task: Any = None) -> None:
-        """A finished pull nobody waits for: hand its messages back to the subscription."""
-        if pull.waiters > 0 or not pull.claim():
+        """A finished pull nobody waits for: keep its messages for the next fetch for `keep_grace`
+        seconds (handing them back now would count another delivery attempt), then hand them back."""
+        if pull.waiters > 0 or pull.claimed or pull.kept_until is not None or not pull.task.done():
+            return
+        if link.closing or not _answer(pull):
+            self._give_back(link, sub, pull)
+        else:
+            grace = min(self.keep_grace, MIN_SUBSCRIPTION_DEADLINE / 2)  # never near the ack deadline
+            pull.keep(grace, partial(self._give_back, link, sub, pull))
+
+    def _give_back(self, link: Link, sub: str, pull: InFlightPull) -> None:
+        """Return the messages of a finished pull no fetch claimed to the subscription (ack deadline 0)."""
+        if not pull.claim():
             return
         if link.pulls.get(sub) is pull:
             del link.pulls[sub]
-        if pull.task.cancelled() or pull.task.exception() is not None:
-            return
-        ids = [m.ack_id for m in pull.task.result().received_messages]
+        ids = [m.ack_id for m in _answer(pull)]
         if ids:
             link.spawn(self._modify(link, sub, ids, 0))
 
@@ -351,8 +374,9 @@ class PubSubBroker(Broker):
             by_seconds[seconds].append(d.receipt)
         await asyncio.gather(*(self._modify(link, sub, ids, s) for s, ids in by_seconds.items()))
 
-    async def _lease(self, link: Link, sub: str, deliveries: Sequence[Delivery]) -> None:
-        """Set the lease on fresh deliveries, unless the subscription's ack deadline already is it."""
+    async def _lease(self, link: Link, sub: str, deliveries: Sequence[Delivery], force: bool = False) -> None:
+        """Set the lease on fresh deliveries, unless the subscription's ack deadline already is it
+        (`force`: some came from a kept answer, whose deadline has partly run)."""
         if not self.lease_seconds:
             return
         seconds = ack_deadline(self.lease_seconds)
@@ -362,7 +386,7 @@ class PubSubBroker(Broker):
                 link.deadlines[sub] = int(info.ack_deadline_seconds)
             except gexc.GoogleAPICallError:  # e.g. no pubsub.subscriptions.get permission
                 link.deadlines[sub] = None
-        if link.deadlines[sub] != seconds:
+        if force or link.deadlines[sub] != seconds:
             await self._modify(link, sub, [d.receipt for d in deliveries], seconds)
 
     async def _modify(self, link: Link, sub: str, ack_ids: Sequence[Any], seconds: int) -> None:
@@ -468,6 +492,13 @@ def _delivery(queue: str, sub: str, rm: ReceivedMessage, fetched_at: float, now_
             get_logger().warning("Pub/Sub message %s has a bad %s attribute %r; running it now",
                                  msg.message_id, ETA_ATTR, eta_text)
     return eta, d
+
+
+def _answer(pull: InFlightPull) -> Sequence[ReceivedMessage]:
+    """The messages of a finished pull ([] when it failed or was cancelled)."""
+    if pull.task.cancelled() or pull.task.exception() is not None:
+        return []
+    return list(pull.task.result().received_messages)
 
 
 def _by_subscription(deliveries: Sequence[Delivery]) -> dict[str, list[str]]:
