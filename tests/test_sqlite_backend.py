@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from machinery.backends.sqlite import SQLiteBackend
 from machinery.config import Config, SQLiteConfig
 from machinery.errors import BackendError
 from machinery.locks.sqlite import SQLiteLock
-from machinery.tasks.state import SUCCESS, TaskResult, TaskState, encode_state
+from machinery.tasks.state import FAILURE, PENDING, STARTED, SUCCESS, TaskResult, TaskState, encode_state
 
 
 def backend_at(db: Path, results_expire_in: int = 3600, **sqlite: Any) -> SQLiteBackend:
@@ -44,6 +45,42 @@ async def test_states_are_stored_as_go_task_state_json(tmp_path: Path) -> None:
         (blob,) = conn.execute("SELECT state FROM machinery_task_states WHERE uuid = 'u1'").fetchone()
     assert blob == encode_state(state)
     assert b'"TaskUUID":"u1"' in blob
+
+
+async def test_later_states_keep_created_at_in_the_stored_json_in_one_statement(tmp_path: Path) -> None:
+    """The write's own UPSERT splices PENDING's CreatedAt into a later state's JSON (no read, no
+    second statement), so tools reading the file see it too; a result holding a "CreatedAt" key,
+    in the new state or the stored one, does not confuse it."""
+    db = tmp_path / "c.db"
+    backend = backend_at(db)
+    created = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    await backend.set_state(TaskState("c1", PENDING, task_name="t", created_at=created))
+    statements: list[str] = []
+    await backend._db.run(lambda conn: conn.set_trace_callback(statements.append))
+    nested = [TaskResult.of({"CreatedAt": "2020-01-01T00:00:00Z"})]
+    final = TaskState("c1", SUCCESS, task_name="t", results=nested)
+    await backend.set_state(final)
+    assert [s.split()[0] for s in statements] == ["BEGIN", "INSERT", "COMMIT"]
+    await backend.set_state(TaskState("c1", FAILURE, task_name="t", error="late"))
+    await backend.close()
+    with sqlite3.connect(db) as conn:
+        (blob,) = conn.execute("SELECT state FROM machinery_task_states WHERE uuid = 'c1'").fetchone()
+    assert blob == encode_state(TaskState("c1", FAILURE, task_name="t", error="late", created_at=created))
+
+
+async def test_later_state_ignores_an_expired_or_unreadable_row(tmp_path: Path) -> None:
+    """An expired PENDING is no longer stored, and a row that is not JSON is replaced as before."""
+    db = tmp_path / "x.db"
+    backend = backend_at(db)
+    created = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+    await backend.set_states([TaskState(u, PENDING, task_name="t", created_at=created) for u in ("old", "junk")])
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE machinery_task_states SET expires_at_ns = 1 WHERE uuid = 'old'")
+        conn.execute("UPDATE machinery_task_states SET state = X'00ff7b' WHERE uuid = 'junk'")
+    later = [TaskState(u, STARTED, task_name="t") for u in ("old", "junk")]
+    await backend.set_states(later)
+    assert await backend.get_states(["old", "junk"]) == later
+    await backend.close()
 
 
 async def test_expired_rows_are_purged(tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 import sqs_support
-from backend_e2e import worker_server
-from machinery import Chord, Config, Group, Server, Signature
+from backend_e2e import check_task_and_chord, worker_server
+from machinery import Config, Server, Signature
 from machinery._sqs import DEFAULT_REGION, parse_sqs_url, send_batches
 from machinery.brokers.sqs import ETA_ATTR, SQSBroker, dead_letter_queue
 from machinery.config import SQSConfig
@@ -266,7 +266,4 @@ def test_server_and_worker_run_a_task_and_a_chord(
     # Go's SQS broker receives nothing at concurrency 0
     with worker_server(cnf, "e2e", concurrency=0) as server:
         assert isinstance(server.get_broker(), SQSBroker)
-        assert server.send_task(Signature("add", [1, 2])).get(20) == 3
-        chord = Chord(Group(Signature("add", [1, 1]), Signature("add", [2, 2]), Signature("add", [5, 6])),
-                      Signature("multiply"))
-        assert server.send_chord(chord).get(20) == 88
+        check_task_and_chord(server)

@@ -76,6 +76,52 @@ async def test_later_state_replaces_earlier(backend: Backend) -> None:
     assert await backend.get_state(task) == final
 
 
+async def test_later_states_keep_created_at(backend_driver: Driver[Backend], backend: Backend) -> None:
+    """Only PENDING carries CreatedAt (Go's workers write none): every later state keeps it, unless
+    the later state brings its own. The whole lifecycle, and a batch mixing tasks with and without
+    a stored PENDING, as the worker's committer writes them."""
+    task, lone = new_uuid(), new_uuid()
+    created = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    # drivers that store states as given (see "no_state_merge" in conftest) read back no CreatedAt
+    kept = None if "no_state_merge" in backend_driver.caps else created
+    await backend.set_pending([TaskState(task, PENDING, task_name="add", created_at=created)])
+    pending = await backend.get_state(task)
+    assert pending is not None and pending.created_at == created
+    await backend.set_states([TaskState(lone, RECEIVED, task_name="add"), TaskState(task, RECEIVED, task_name="add")])
+    got = await backend.get_states([task, lone])
+    assert got[0] is not None and got[0].state == RECEIVED and got[0].created_at == kept
+    assert got[1] is not None and got[1].state == RECEIVED and got[1].created_at is None
+    for later in (TaskState(task, STARTED, task_name="add"),
+                  TaskState(task, SUCCESS, task_name="add", results=[TaskResult("int64", 3)])):
+        await backend.set_state(later)
+        state = await backend.get_state(task)
+        assert state is not None and state.state == later.state and state.created_at == kept
+    assert state.values() == [3]
+    own = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    await backend.set_state(TaskState(task, FAILURE, task_name="add", error="boom", created_at=own))
+    state = await backend.get_state(task)
+    assert state is not None and state.state == FAILURE and state.created_at == own
+
+
+async def test_pending_stored_after_the_workers_first_state_adds_its_created_at(
+    backend_driver: Driver[Backend], backend: Backend
+) -> None:
+    """A conditional_pending send stores PENDING while it publishes, so the worker's RECEIVED may
+    land first: PENDING must not replace it, but still hands it the CreatedAt only PENDING has."""
+    task = new_uuid()
+    created = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    await backend.set_state(TaskState(task, RECEIVED, task_name="add"))
+    await backend.set_pending([TaskState(task, PENDING, task_name="add", created_at=created)])
+    got = await backend.get_state(task)
+    assert got is not None
+    if not backend.conditional_pending:  # PENDING is stored before the publish: nothing precedes it
+        assert got.state == PENDING and got.created_at == created
+    elif "no_pending_fill" in backend_driver.caps:
+        assert got.state == RECEIVED and got.created_at is None
+    else:
+        assert got.state == RECEIVED and got.created_at == created
+
+
 async def test_states_are_visible_to_another_client(backend_driver: Driver[Backend], backend: Backend) -> None:
     other = await backend_driver.open()
     state = success(new_uuid(), TaskResult("string", "x"))

@@ -1,4 +1,8 @@
-"""In-process result backend for unit tests; wakes waiters the moment a task completes."""
+"""In-process result backend for unit tests; wakes waiters the moment a task completes.
+
+A later state without a TaskName or CreatedAt keeps the stored one (PENDING's), as Go's Redis
+backend does, so tests on memory see what a real store shows.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from machinery._waiters import Waiters
 from machinery.backends.base import Backend, GroupProgress
-from machinery.tasks.state import GroupMeta, TaskState
+from machinery.tasks.state import PENDING, GroupMeta, TaskState
 
 if TYPE_CHECKING:
     from machinery.config import Config
@@ -42,8 +46,14 @@ class MemoryBackend(Backend):
 
     async def set_states(self, states: Sequence[TaskState]) -> None:
         completed = []
+        now = time.monotonic()
         with self._lock:
-            for s in states:
+            for given in states:
+                s = given
+                if s.state != PENDING and (not s.task_name or s.created_at is None):
+                    item = self._states.get(s.task_uuid)
+                    if item is not None and item[0] > now:
+                        s = s.filled_from(item[1])
                 self._states[s.task_uuid] = (self._expiry(), s)
                 if s.is_completed():
                     completed.append(s.task_uuid)
@@ -57,6 +67,8 @@ class MemoryBackend(Backend):
                 item = self._states.get(s.task_uuid)
                 if item is None or item[0] <= now:
                     self._states[s.task_uuid] = (self._expiry(), s)
+                elif item[1].created_at is None:  # the worker's first state got there first
+                    self._states[s.task_uuid] = (item[0], item[1].filled_from(s))
 
     async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
         now = time.monotonic()

@@ -5,6 +5,8 @@ Group progress keeps one row per counted member, so counting a member is idempot
 task is not counted twice) and costs O(1) whatever the group size; the chord flag is flipped by a
 single conditional UPDATE, so exactly one caller, in any process, wins it. Storing a final state
 rings the database's backend doorbell, so wait_completed in other processes wakes at once.
+A later state without a CreatedAt keeps the stored one (PENDING's, as Go and the Redis backend do):
+the write's own UPSERT splices it in, so it costs no extra statement or read.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from machinery._waiters import Waiters
 from machinery.backends.base import Backend, GroupProgress
 from machinery.config import DEFAULT_SQLITE_URL
 from machinery.errors import BackendError
-from machinery.tasks.state import GroupMeta, TaskState, decode_state, encode_state
+from machinery.tasks.state import PENDING, GroupMeta, TaskState, decode_state, encode_state
 
 if TYPE_CHECKING:
     from machinery.config import Config
@@ -53,10 +55,20 @@ SCHEMA = Schema("backend", 1, (
     ) WITHOUT ROWID""",
 ))
 
+# Parameters: uuid, state JSON, expiry, then ?4, the byte offset of the new JSON's zero CreatedAt
+# value (NULL: store the JSON as given) and ?5, now. With ?4 set, a live stored row's non-zero
+# CreatedAt replaces that value (22 bytes, quotes included); json_extract finds the top-level key
+# even when a result holds one, and a row that is not JSON is simply replaced.
 _SET_STATE = (
-    "INSERT INTO machinery_task_states (uuid, state, expires_at_ns) VALUES (?, ?, ?) "
-    "ON CONFLICT (uuid) DO UPDATE SET state = excluded.state, expires_at_ns = excluded.expires_at_ns"
+    "INSERT INTO machinery_task_states (uuid, state, expires_at_ns) VALUES (?1, ?2, ?3) "
+    "ON CONFLICT (uuid) DO UPDATE SET state = CASE "
+    "WHEN ?4 IS NULL OR expires_at_ns <= ?5 OR NOT json_valid(CAST(state AS TEXT)) THEN excluded.state "
+    "ELSE coalesce(CAST(substr(excluded.state, 1, ?4) || '\"' || "
+    "nullif(json_extract(CAST(state AS TEXT), '$.CreatedAt'), '0001-01-01T00:00:00Z') || '\"' || "
+    "substr(excluded.state, ?4 + 23) AS BLOB), excluded.state) END, "
+    "expires_at_ns = excluded.expires_at_ns"
 )
+_CREATED_KEY = b'"CreatedAt":'
 _NEW_GROUP = (
     "INSERT OR REPLACE INTO machinery_groups "
     "(group_uuid, task_uuids, chord_triggered, done, failed, created_ns, expires_at_ns) "
@@ -100,8 +112,9 @@ class SQLiteBackend(Backend):
     async def set_states(self, states: Sequence[TaskState]) -> None:
         if not states:
             return
-        expires = self._expires_at_ns()
-        rows = [(s.task_uuid, encode_state(s), expires) for s in states]
+        now = time.time_ns()
+        expires = now + self.expire_in * 1_000_000_000
+        rows = [_state_row(s, encode_state(s), expires, now) for s in states]
         done = [s.task_uuid for s in states if s.is_completed()]
         write = partial(_write, _SET_STATE, rows, self._purge_due())
         bell = self._bell
@@ -189,6 +202,14 @@ class SQLiteBackend(Backend):
 
 
 # --- statements run on the database thread ---------------------------------------------------
+
+
+def _state_row(s: TaskState, raw: bytes, expires: int, now: int) -> tuple[object, ...]:
+    """_SET_STATE's parameters: a later state without a CreatedAt asks for the stored one."""
+    if s.created_at is not None or s.state == PENDING:
+        return (s.task_uuid, raw, expires, None, now)
+    # CreatedAt is the last top-level key; inside JSON strings quotes are escaped, so no match there
+    return (s.task_uuid, raw, expires, raw.rindex(_CREATED_KEY) + len(_CREATED_KEY), now)
 
 
 def _write(sql: str, rows: Sequence[tuple[object, ...]], purge: bool, conn: sqlite3.Connection) -> None:
