@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import ssl
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
+from machinery import Server
 from machinery.backends.redis import RedisBackend
 from machinery.brokers.redis import RedisBroker
 from machinery.config import Config, RedisConfig
@@ -39,6 +41,21 @@ async def round_trip(cnf: Config) -> None:
         await backend.close()
 
 
+def blocking_round_trip(cnf: Config) -> None:
+    """The sync facade's direct calls (a blocking client) through the given config."""
+    server = Server(cnf)
+    try:
+        res = server.send_task(Signature("add", [1, 2], uuid="task_sync"))
+        stored = TaskState("task_sync", SUCCESS, task_name="add", results=[TaskResult("int64", 3)])
+        store = threading.Timer(0.1, lambda: server.portal.run(server.get_backend().set_state(stored)))
+        store.start()
+        assert res.get(timeout=5) == 3
+        store.join()
+        assert b"task_sync" in server.portal.run(server.get_broker().pending("machinery_tasks"))[-1]
+    finally:
+        server.close()
+
+
 async def test_unix_socket_with_password_and_db(tmp_path: Path) -> None:
     sock = tmp_path / "redis.sock"
     server = PrivateRedis(tmp_path / "data", "--unixsocket", str(sock), "--unixsocketperm", "700",
@@ -46,6 +63,7 @@ async def test_unix_socket_with_password_and_db(tmp_path: Path) -> None:
     try:
         url = f"redis+socket://s3cret@{sock}:/2"
         await round_trip(Config(broker=url, result_backend=url))
+        await asyncio.to_thread(blocking_round_trip, Config(broker=url, result_backend=url))
         with pytest.raises(BrokerError):
             await RedisBroker(Config(broker=f"redis+socket://wrong@{sock}")).pending("machinery_tasks")
     finally:
@@ -70,7 +88,9 @@ async def test_rediss_uses_tls_with_the_configured_context(tls_server: tuple[Pri
     server, port, cert = tls_server
     try:
         url = f"rediss://127.0.0.1:{port}/0"
-        await round_trip(Config(broker=url, result_backend=url, tls=ssl.create_default_context(cafile=str(cert))))
+        tls = ssl.create_default_context(cafile=str(cert))
+        await round_trip(Config(broker=url, result_backend=url, tls=tls))
+        await asyncio.to_thread(blocking_round_trip, Config(broker=url, result_backend=url, tls=tls))
         # TLS is really on: the default context refuses the self-signed certificate ...
         with pytest.raises(BrokerError):
             await RedisBroker(Config(broker=url)).pending("machinery_tasks")

@@ -165,24 +165,31 @@ def _redact(url: str) -> str:
 # --- clients -------------------------------------------------------------------------------
 
 
-def create_client(t: RedisTarget, cnf: Config) -> Client:
-    """A redis.asyncio client (standalone, socket, Sentinel master or Cluster) for the current loop."""
-    import redis.asyncio as aioredis
-    from redis.asyncio.retry import Retry
+def _options(t: RedisTarget, cnf: Config, retry_class: type[Any]) -> dict[str, Any]:
+    """Client options both kinds of client share (timeouts, credentials, retries)."""
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.exceptions import ConnectionError as RConnectionError
     from redis.exceptions import TimeoutError as RTimeoutError
 
     r = cnf.redis
-    common: dict[str, Any] = {
+    return {
         "username": t.username,
         "password": t.password,
         "socket_timeout": float(r.read_timeout) or None,
         "socket_connect_timeout": float(r.connect_timeout) or None,
         "client_name": r.client_name or None,
-        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 5,
-                       supported_errors=(RConnectionError, RTimeoutError)),
+        "retry": retry_class(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 5,
+                             supported_errors=(RConnectionError, RTimeoutError)),
     }
+
+
+def create_client(t: RedisTarget, cnf: Config) -> Client:
+    """A redis.asyncio client (standalone, socket, Sentinel master or Cluster) for the current loop."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+
+    r = cnf.redis
+    common = _options(t, cnf, Retry)
     if t.cluster:
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
@@ -211,6 +218,38 @@ def create_client(t: RedisTarget, cnf: Config) -> Client:
         pool = aioredis.ConnectionPool(host=host, port=port, connection_class=_timer_bounded(base),
                                        **pool_kwargs)
     return aioredis.Redis(connection_pool=pool)
+
+
+def create_blocking_client(t: RedisTarget, cnf: Config) -> Client:
+    """A blocking (thread-safe, pooled) redis-py client for a standalone server, for the sync
+    facade's direct calls (Sentinel and Cluster take the asyncio path)."""
+    import redis
+    from redis.retry import Retry
+
+    kwargs: dict[str, Any] = dict(_options(t, cnf, Retry), db=t.db, max_connections=cnf.redis.max_active or None)
+    if t.socket_path:
+        pool = redis.ConnectionPool(connection_class=redis.UnixDomainSocketConnection, path=t.socket_path,
+                                    **kwargs)
+    else:
+        host, port = t.hosts[0]
+        base = _blocking_tls_class(cnf.tls) if t.tls else redis.Connection
+        pool = redis.ConnectionPool(host=host, port=port, connection_class=base, **kwargs)
+    return redis.Redis(connection_pool=pool)
+
+
+def _blocking_tls_class(ctx: ssl.SSLContext | None) -> type[Any]:
+    """Blocking TLS connections that use cnf.tls as is."""
+    from redis.connection import SSLConnection
+
+    if ctx is None:
+        return SSLConnection
+    context = ctx
+
+    class _ContextSSLConnection(SSLConnection):
+        def _wrap_socket_with_ssl(self, sock: Any) -> Any:
+            return context.wrap_socket(sock, server_hostname=self.host)
+
+    return _ContextSSLConnection
 
 
 def _timer_bounded(base: type[Any]) -> type[Any]:

@@ -65,14 +65,32 @@ class AsyncResult:
         return state
 
     def get_state(self) -> TaskState | None:
-        result: TaskState | None = self._portal.run(self.aget_state())
-        return result
+        reads = self._backend.blocking_reads()
+        if reads is None:
+            result: TaskState | None = self._portal.run(self.aget_state())
+            return result
+        state = reads.get_state(self.signature.uuid)
+        if state is not None:
+            self._state = state
+        return state
 
     async def await_state(self, timeout: float | None = None) -> TaskState:
         """Wait for SUCCESS or FAILURE; TimeoutError when `timeout` seconds pass first."""
         if self._state is not None and self._state.is_completed():
             return self._state
-        state = await self._backend.wait_completed(self.signature.uuid, timeout)
+        return self._waited(await self._backend.wait_completed(self.signature.uuid, timeout), timeout)
+
+    def wait_state(self, timeout: float | None = None) -> TaskState:
+        """await_state's blocking twin: in the caller's thread where the backend can wait there."""
+        if self._state is not None and self._state.is_completed():
+            return self._state
+        reads = self._backend.blocking_reads()
+        if reads is None:
+            result: TaskState = self._portal.run(self.await_state(timeout))
+            return result
+        return self._waited(reads.wait_completed(self.signature.uuid, timeout), timeout)
+
+    def _waited(self, state: TaskState | None, timeout: float | None) -> TaskState:
         if state is None:
             raise TimeoutError(
                 f"no result for task {self.signature.name} ({self.signature.uuid}) within {timeout} s"
@@ -85,7 +103,7 @@ class AsyncResult:
         return _unpack(await self.await_state(timeout))
 
     def get(self, timeout: float | None = None) -> Any:
-        return self._portal.run(self.aget(timeout))
+        return _unpack(self.wait_state(timeout))
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.signature.name} {self.signature.uuid}>"
@@ -158,7 +176,7 @@ class ChordAsyncResult:
         return await self.chord_async_result.aget(timeout)
 
     def get(self, timeout: float | None = None) -> Any:
-        return self._portal.run(self.aget(timeout))
+        return self.chord_async_result.get(timeout)
 
     async def aget_state(self) -> TaskState | None:
         return await self.chord_async_result.aget_state()

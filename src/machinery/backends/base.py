@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from machinery._waiters import Waiters
 from machinery.portal import PortalUser
@@ -24,6 +24,18 @@ JointSend = Callable[[Sequence[TaskState], Sequence["PublishItem"]], Awaitable[N
 #: atomically; returns the error of each part (None = done; a failed pair counts as a state error)
 JointCommit = Callable[[Sequence[TaskState], Sequence["Delivery"], Sequence[tuple[TaskState, "Delivery"]]],
                        Awaitable[tuple[Exception | None, Exception | None]]]
+
+#: sends one task (its PENDING state and its message) in the caller's thread, blocking; False
+#: means this task cannot go this way (a delayed one, say) and takes the asyncio path
+BlockingSend = Callable[[TaskState, "PublishItem"], bool]
+
+
+class BlockingReads(Protocol):
+    """Reads a sync caller makes in its own thread, blocking (see Backend.blocking_reads)."""
+
+    def get_state(self, task_uuid: str) -> TaskState | None: ...
+
+    def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +116,16 @@ class Backend(PortalUser, ABC):
     def joint_commit(self, broker: Broker) -> JointCommit | None:
         """A way to store states and ack deliveries in one round trip, when this backend and the
         broker share a server; None (the default) means two separate calls, sent concurrently."""
+        return None
+
+    def blocking_send(self, broker: Broker) -> BlockingSend | None:
+        """The sync facade's direct send of one task, without the portal's thread hop; None (the
+        default) sends through the portal. Drivers offer it where a blocking client is cheap."""
+        return None
+
+    def blocking_reads(self) -> BlockingReads | None:
+        """The sync facade's direct state reads and result waits; None (the default) reads
+        through the portal."""
         return None
 
     # --- built on the primitives; drivers may override for speed ---------------------------

@@ -28,8 +28,16 @@ from machinery._redis import (
     tagged,
     wrap_errors,
 )
+from machinery.backends._redis_blocking import BlockingRedis
 from machinery.backends._redis_notify import Notifier, Waiter
-from machinery.backends.base import Backend, GroupProgress, JointCommit, JointSend
+from machinery.backends.base import (
+    Backend,
+    BlockingReads,
+    BlockingSend,
+    GroupProgress,
+    JointCommit,
+    JointSend,
+)
 from machinery.brokers._redis_lua import ACK_FN
 from machinery.brokers.base import PerLoop
 from machinery.errors import BackendError
@@ -211,6 +219,7 @@ class RedisBackend(Backend):
         self._clients = Clients(self.target, cnf)
         self._notifiers: PerLoop[Notifier] = PerLoop()
         self._cluster = self.target.cluster
+        self._blocking = BlockingRedis(self.target, cnf, CHANNEL_PREFIX)
 
     async def _client(self) -> Client:
         return await self._clients.get()
@@ -319,6 +328,26 @@ class RedisBackend(Backend):
             await batch.run(await self._client())
 
         return send
+
+    def blocking_send(self, broker: Broker) -> BlockingSend | None:
+        """One ready task in one blocking script call (SEND_ONE, as on the asyncio path)."""
+        from machinery.brokers.redis import RedisBroker
+
+        if not isinstance(broker, RedisBroker) or broker.target != self.target or not self._blocking.available:
+            return None
+        blocking = self._blocking
+
+        def send(state: TaskState, item: PublishItem) -> bool:
+            queue = broker.ready_queue(item)
+            if queue is None:
+                return False
+            blocking.script(SEND_ONE, [state.task_uuid, queue], [self.expire_in, encode_state(state), item[1]])
+            return True
+
+        return send
+
+    def blocking_reads(self) -> BlockingReads | None:
+        return self._blocking if self._blocking.available else None
 
     @_wrap
     async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
@@ -447,6 +476,7 @@ class RedisBackend(Backend):
         if notifier is not None:
             await notifier.close()
         await self._clients.close()
+        self._blocking.close()
 
 
 def _state_arg(s: TaskState) -> bytes:

@@ -1,0 +1,237 @@
+"""The sync facade's direct Redis calls (send one task, read, wait) against real servers: they
+never start the portal thread, write what the asyncio path writes, and keep every wait's
+deadline even when the server is dead or stalled."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+
+from machinery import Config, Server, Signature
+from machinery.backends.redis import RedisBackend
+from machinery.config import RedisConfig
+from machinery.errors import BackendError, TimeoutError
+from machinery.tasks.state import PENDING, SUCCESS, TaskResult, TaskState, encode_state
+from redis_servers import REDIS_URL, PrivateRedis, require_redis
+
+pytestmark = pytest.mark.redis
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture
+def raw() -> Iterator[redis.Redis]:
+    require_redis()
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def server(raw: redis.Redis) -> Iterator[Server]:
+    s = Server(Config(broker=REDIS_URL, result_backend=REDIS_URL, results_expire_in=120))
+    yield s
+    s.close()
+
+
+def store_later(url: str, state: TaskState, delay: float, stored_at: list[float]) -> threading.Thread:
+    """Store `state` from another client after `delay` seconds, as a worker would (with PUBLISH)."""
+
+    def run() -> None:
+        time.sleep(delay)
+        writer = Server(Config(broker=url, result_backend=url))
+        stored_at.append(time.monotonic())  # just before the store: its own round trip counts
+        writer.portal.run(writer.get_backend().set_state(state))
+        writer.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_send_and_wait_never_start_the_portal_thread(server: Server, raw: redis.Redis) -> None:
+    res = server.send_task(Signature("add", args=[1, 2]))
+    stored_at: list[float] = []
+    t = store_later(REDIS_URL, TaskState(res.task_uuid, SUCCESS, results=[TaskResult("int64", 3)]), 0.3, stored_at)
+    assert res.get(timeout=10) == 3
+    woke = time.monotonic() - stored_at[0]
+    t.join()
+    assert res.get_state() is not None
+    assert server.portal._thread is None, "a sync send or wait went through the portal thread"
+    assert woke < 0.1, f"woke {woke * 1000:.1f} ms after the store: the PUBLISH did not wake the wait"
+
+
+def test_blocking_send_writes_what_the_asyncio_send_writes(server: Server, raw: redis.Redis) -> None:
+    a = Signature("add", args=[1, 2], uuid="task_a")
+    b = Signature("add", args=[1, 2], uuid="task_b")
+    server.send_task(a)
+    server.portal.run(server.asend_task(b))
+    first, second = raw.lrange("machinery_tasks", 0, -1)
+    assert json.loads(first) == {**json.loads(second), "UUID": "task_a"}
+    pend_a, pend_b = json.loads(raw.get("task_a")), json.loads(raw.get("task_b"))  # type: ignore[arg-type]
+    assert pend_a["State"] == PENDING and pend_a["TaskName"] == "add"
+    assert {**pend_a, "TaskUUID": "task_b", "CreatedAt": pend_b["CreatedAt"]} == pend_b
+    assert 0 < raw.ttl("task_a") <= 120
+
+
+def test_blocking_send_keeps_a_stored_state(server: Server, raw: redis.Redis) -> None:
+    # PENDING is stored only where nothing is (SET NX): a redelivered parent re-sending a child
+    # that already ran must not turn its result back into PENDING.
+    done = encode_state(TaskState("task_done", SUCCESS, results=[TaskResult("int64", 3)]))
+    raw.set("task_done", done)
+    server.send_task(Signature("add", args=[1, 2], uuid="task_done"))
+    assert raw.get("task_done") == done
+    assert raw.llen("machinery_tasks") == 1
+
+
+def test_a_delayed_task_goes_to_the_delayed_set(server: Server, raw: redis.Redis) -> None:
+    eta = datetime.now(UTC) + timedelta(hours=1)
+    res = server.send_task(Signature("add", args=[1, 2], eta=eta))
+    assert raw.llen("machinery_tasks") == 0
+    assert raw.zcard("delayed_tasks") == 1
+    assert json.loads(raw.get(res.task_uuid))["State"] == PENDING  # type: ignore[arg-type]
+
+
+def test_a_wait_reads_a_state_stored_before_it(server: Server, raw: redis.Redis) -> None:
+    raw.set("task_early", encode_state(TaskState("task_early", SUCCESS, results=[TaskResult("int64", 5)])))
+    res = server.send_task(Signature("add", args=[2, 3], uuid="task_early"))
+    started = time.monotonic()
+    assert res.get(timeout=5) == 5
+    assert time.monotonic() - started < 0.2
+
+
+def test_a_wait_sees_a_state_go_stored_without_publishing(server: Server, raw: redis.Redis) -> None:
+    task = "task_0c1f"
+    res = server.send_task(Signature("add", args=[1, 2], uuid=task))
+    golden = (GOLDEN / "state_success.json").read_bytes()
+
+    def go_writes() -> None:
+        time.sleep(0.3)
+        raw.set(task, golden)  # no PUBLISH, as Go stores it
+
+    t = threading.Thread(target=go_writes)
+    t.start()
+    started = time.monotonic()
+    state = res.wait_state(timeout=10)
+    t.join()
+    assert state.is_success()
+    assert time.monotonic() - started < 2.0
+
+
+def test_a_wait_times_out_on_time(server: Server, raw: redis.Redis) -> None:
+    res = server.send_task(Signature("add", args=[1, 2]))
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=res.task_uuid):
+        res.get(timeout=0.3)
+    assert 0.3 <= time.monotonic() - started < 0.8
+
+
+def test_waits_on_many_threads_each_get_their_own_result(server: Server, raw: redis.Redis) -> None:
+    results = [server.send_task(Signature("add", args=[i, 0])) for i in range(20)]
+    got: dict[int, object] = {}
+
+    def wait(i: int) -> None:
+        got[i] = results[i].get(timeout=10)
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    backend = server.get_backend()
+    server.portal.run(backend.set_states(
+        [TaskState(r.task_uuid, SUCCESS, results=[TaskResult("int64", i)]) for i, r in enumerate(results)]))
+    for t in threads:
+        t.join(10)
+    assert got == {i: i for i in range(20)}
+
+
+def test_one_thread_reuses_its_wait_connections(server: Server, raw: redis.Redis) -> None:
+    backend = server.get_backend()
+    before = len(raw.client_list())
+    for i in range(30):
+        task = f"task_{i % 3}"  # the same channels again, right after their unsubscribe
+        raw.delete(task)
+        res = server.send_task(Signature("add", args=[i, 0], uuid=task))
+        state = TaskState(task, SUCCESS, results=[TaskResult("int64", i)])
+        store = threading.Timer(0.02, lambda s=state: server.portal.run(backend.set_state(s)))
+        store.start()
+        assert res.get(timeout=5) == i
+        store.join()
+    # this thread's two wait connections, one of the shared pool and the portal's (its
+    # client and the storing thread's) are all that opened
+    assert len(raw.client_list()) - before <= 5
+
+
+def test_a_wait_on_a_dead_server_keeps_its_deadline(tmp_path: Path) -> None:
+    redis_server = PrivateRedis(tmp_path / "r").start()
+    srv = Server(Config(broker=redis_server.url, result_backend=redis_server.url))
+    try:
+        res = srv.send_task(Signature("add", args=[1, 2]))
+        redis_server.kill()
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="redis backend"):
+            res.get(timeout=0.5)
+        assert time.monotonic() - started < 1.0
+    finally:
+        redis_server.kill()
+        srv.close()
+
+
+def test_a_wait_on_a_stalled_server_keeps_its_deadline(tmp_path: Path) -> None:
+    redis_server = PrivateRedis(tmp_path / "r").start()
+    srv = Server(Config(broker=redis_server.url, result_backend=redis_server.url))
+    assert redis_server.proc is not None
+    try:
+        srv.send_task(Signature("add", args=[1, 2]))
+        with pytest.raises(TimeoutError):  # opens this thread's wait connections
+            srv.send_task(Signature("add", args=[1, 2])).get(timeout=0.05)
+        res = srv.send_task(Signature("add", args=[1, 2]))
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            res.get(timeout=0.5)
+        assert time.monotonic() - started < 1.0
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+        redis_server.kill()
+        srv.close()
+
+
+def test_a_wait_outlives_a_server_restart(tmp_path: Path) -> None:
+    redis_server = PrivateRedis(tmp_path / "r").start()
+    url = redis_server.url
+    srv = Server(Config(broker=url, result_backend=url))
+    try:
+        res = srv.send_task(Signature("add", args=[1, 2]))
+        got: list[object] = []
+        waiter = threading.Thread(target=lambda: got.append(res.get(timeout=20)))
+        waiter.start()
+        time.sleep(0.3)
+        redis_server.kill()
+        time.sleep(0.5)
+        redis_server.start()  # same port, empty (no persistence)
+        writer = redis.Redis.from_url(url)
+        writer.set(res.task_uuid, encode_state(TaskState(res.task_uuid, SUCCESS, results=[TaskResult("int64", 3)])))
+        writer.close()
+        waiter.join(20)
+        assert got == [3]
+    finally:
+        redis_server.kill()
+        srv.close()
+
+
+def test_cluster_and_sentinel_take_the_asyncio_path() -> None:
+    cluster = RedisBackend(Config(broker="redis://a:1,b:2", result_backend="redis://a:1,b:2"))
+    assert cluster.blocking_reads() is None
+    sentinel = Config(broker="redis://a:1", result_backend="redis://a:1", redis=RedisConfig(master_name="mymaster"))
+    assert RedisBackend(sentinel).blocking_reads() is None
