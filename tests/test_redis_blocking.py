@@ -19,7 +19,7 @@ import redis
 from machinery import Config, Server, Signature
 from machinery.backends.redis import RedisBackend
 from machinery.config import RedisConfig
-from machinery.errors import BackendError, TimeoutError
+from machinery.errors import BackendError, BrokerError, TimeoutError
 from machinery.tasks.state import PENDING, SUCCESS, TaskResult, TaskState, encode_state
 from redis_servers import REDIS_URL, PrivateRedis, require_redis
 
@@ -235,3 +235,32 @@ def test_cluster_and_sentinel_take_the_asyncio_path() -> None:
     assert cluster.blocking_reads() is None
     sentinel = Config(broker="redis://a:1", result_backend="redis://a:1", redis=RedisConfig(master_name="mymaster"))
     assert RedisBackend(sentinel).blocking_reads() is None
+
+
+def test_without_a_result_backend_a_send_is_one_rpush_in_the_callers_thread(raw: redis.Redis) -> None:
+    srv = Server(Config(broker=REDIS_URL, result_backend="null://"))
+    try:
+        srv.send_task(Signature("add", args=[1, 2], uuid="task_a"))
+        assert srv.portal._thread is None
+        srv.portal.run(srv.asend_task(Signature("add", args=[1, 2], uuid="task_b")))
+        eta = datetime.now(UTC) + timedelta(hours=1)
+        srv.send_task(Signature("add", args=[1, 2], uuid="task_c", eta=eta))  # delayed: the asyncio path
+    finally:
+        srv.close()
+    first, second = raw.lrange("machinery_tasks", 0, -1)
+    assert json.loads(first) == {**json.loads(second), "UUID": "task_a"}
+    assert raw.zcard("delayed_tasks") == 1
+    assert raw.get("task_a") is None
+
+
+def test_a_blocking_send_to_a_dead_server_is_a_clear_error(tmp_path: Path) -> None:
+    redis_server = PrivateRedis(tmp_path / "r").start()
+    url = redis_server.url
+    redis_server.kill()
+    for results in (url, "null://"):
+        srv = Server(Config(broker=url, result_backend=results, redis=RedisConfig(connect_timeout=1)))
+        try:
+            with pytest.raises((BackendError, BrokerError), match=r"redis (backend|broker)"):
+                srv.send_task(Signature("add", args=[1, 2]))
+        finally:
+            srv.close()

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import hashlib
 import ssl
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -235,6 +236,45 @@ def create_blocking_client(t: RedisTarget, cnf: Config) -> Client:
         base = _blocking_tls_class(cnf.tls) if t.tls else redis.Connection
         pool = redis.ConnectionPool(host=host, port=port, connection_class=base, **kwargs)
     return redis.Redis(connection_pool=pool)
+
+
+class BlockingClient:
+    """A blocking client for one standalone server, made on first use and shared by threads (the
+    sync facade's direct calls). Raises redis-py's errors; callers word them for their driver."""
+
+    def __init__(self, target: RedisTarget, cnf: Config) -> None:
+        self._target = target
+        self._cnf = cnf
+        self._client: Client | None = None
+        self._made = threading.Lock()
+
+    @property
+    def available(self) -> bool:
+        """False for Sentinel and Cluster: their callers take the asyncio path."""
+        return not self._target.cluster and not self._target.master_name
+
+    def get(self) -> Client:
+        if self._client is None:
+            with self._made:
+                if self._client is None:
+                    self._client = create_blocking_client(self._target, self._cnf)
+        return self._client
+
+    def script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        from redis.exceptions import NoScriptError
+
+        client = self.get()
+        try:
+            return client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            client.script_load(script.src)
+            return client.evalsha(script.sha, len(keys), *keys, *args)
+
+    def close(self) -> None:
+        """Close the pool's connections; the next call opens new ones."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.connection_pool.disconnect()
 
 
 def _blocking_tls_class(ctx: ssl.SSLContext | None) -> type[Any]:

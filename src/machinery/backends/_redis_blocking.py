@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from machinery._redis import Client, LuaScript, create_blocking_client
+from machinery._redis import BlockingClient, Client, LuaScript
 from machinery.errors import BackendError
 from machinery.tasks.state import TaskState, decode_state
 
@@ -93,34 +93,20 @@ class BlockingRedis:
     """Blocking calls on one Redis server, made lazily: nothing connects until first used."""
 
     def __init__(self, target: RedisTarget, cnf: Config, channel_prefix: str) -> None:
-        self._target = target
-        self._cnf = cnf
+        self._shared = BlockingClient(target, cnf)
         self._prefix = channel_prefix
-        self._client: Client | None = None
-        self._made = threading.Lock()
         self._local = threading.local()
 
     @property
     def available(self) -> bool:
-        return not self._target.cluster and not self._target.master_name
+        return self._shared.available
 
     def client(self) -> Client:
-        if self._client is None:
-            with self._made:
-                if self._client is None:
-                    self._client = create_blocking_client(self._target, self._cnf)
-        return self._client
+        return self._shared.get()
 
     @_wrap
     def script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        from redis.exceptions import NoScriptError
-
-        client = self.client()
-        try:
-            return client.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            client.script_load(script.src)
-            return client.evalsha(script.sha, len(keys), *keys, *args)
+        return self._shared.script(script, keys, args)
 
     @_wrap
     def get_state(self, task_uuid: str) -> TaskState | None:
@@ -233,6 +219,4 @@ class BlockingRedis:
     def close(self) -> None:
         """Close the shared pool's connections; threads' wait connections close with their
         threads, or on their next error."""
-        client, self._client = self._client, None
-        if client is not None:
-            client.connection_pool.disconnect()
+        self._shared.close()

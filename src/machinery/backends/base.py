@@ -193,6 +193,13 @@ class Backend(PortalUser, ABC):
 class NullBackend(Backend):
     """Stores nothing (`null` URL): results cannot be read and chords cannot work."""
 
+    def blocking_send(self, broker: Broker) -> BlockingSend | None:
+        """Nothing to store: a send is the broker's direct publish, where it has one."""
+        publish = broker.blocking_publish()
+        if publish is None:
+            return None
+        return lambda _state, item: publish(item)
+
     async def set_states(self, states: Sequence[TaskState]) -> None:
         return None
 

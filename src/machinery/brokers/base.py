@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 #: what publish_many takes: the signature, its encoded body, and its ETA in Unix ns (None = now)
 PublishItem = tuple[Signature, bytes, int | None]
+#: publishes one message in the caller's thread, blocking; False means this one cannot go this way
+#: (a delayed one, say) and takes the asyncio path
+BlockingPublish = Callable[[PublishItem], bool]
 
 
 @dataclass(slots=True, eq=False)
@@ -138,6 +141,11 @@ class Broker(PortalUser, ABC):
 
     async def close(self) -> None:
         """Release connections of the current event loop."""
+
+    def blocking_publish(self) -> BlockingPublish | None:
+        """The sync facade's direct publish of one message, without the portal's thread hop
+        (used when the result backend stores nothing); None (the default) goes through the portal."""
+        return None
 
     # --- conveniences built on the primitives ----------------------------------------------
 

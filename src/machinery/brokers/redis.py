@@ -31,6 +31,7 @@ from redis.exceptions import TimeoutError as _RTimeoutError
 
 from machinery._redis import (
     Batch,
+    BlockingClient,
     Client,
     Clients,
     cancel_requested,
@@ -40,7 +41,7 @@ from machinery._redis import (
     wrap_errors,
 )
 from machinery.brokers import _redis_lua as lua
-from machinery.brokers.base import Broker, Delivery, PublishItem
+from machinery.brokers.base import BlockingPublish, Broker, Delivery, PublishItem
 from machinery.errors import BrokerError
 from machinery.log import get_logger
 from machinery.tasks import gojson
@@ -103,6 +104,7 @@ class RedisBroker(Broker):
         self.moving_key = tagged(self.delayed_key, ":machinery:moving")
         self.dead_letter_key = DEAD_LETTER_KEY
         self._clients = Clients(self.target, cnf)
+        self._blocking = BlockingClient(self.target, cnf)
         self._keys: dict[str, _Keys] = {}
         self._next_move = 0.0  # monotonic time of the next look at the delayed set
         period = cnf.redis.delayed_tasks_poll_period or 500
@@ -184,6 +186,26 @@ class RedisBroker(Broker):
             batch.command("RPUSH", queue, *bodies)
         if later:
             batch.script(lua.DELAY, [self.delayed_key], [_seed(), *later])
+
+    def blocking_publish(self) -> BlockingPublish | None:
+        """One ready message in one blocking RPUSH, in the caller's thread."""
+        if not self._blocking.available:
+            return None
+        blocking = self._blocking
+
+        def publish(item: PublishItem) -> bool:
+            from redis.exceptions import RedisError
+
+            queue = self.ready_queue(item)
+            if queue is None:
+                return False
+            try:
+                blocking.get().rpush(queue, item[1])
+            except RedisError as exc:
+                raise BrokerError(f"redis broker publish: {type(exc).__name__}: {exc}") from exc
+            return True
+
+        return publish
 
     def ready_queue(self, item: PublishItem) -> str | None:
         """The list a message goes to now, or None when its ETA holds it in the delayed set."""
@@ -467,6 +489,7 @@ class RedisBroker(Broker):
     async def close(self) -> None:
         """Release the current loop's connections (claims stay until acked or their leases lapse)."""
         await self._clients.close()
+        self._blocking.close()
 
 
 def _group(deliveries: Sequence[Delivery]) -> dict[str, list[Any]]:
