@@ -110,7 +110,7 @@ class BlockingRedis:
 
     @_wrap
     def get_state(self, task_uuid: str) -> TaskState | None:
-        raw = self.client().get(task_uuid)
+        raw = self._shared.call("GET", task_uuid)
         return decode_state(raw) if raw is not None else None
 
     def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:

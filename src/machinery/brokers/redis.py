@@ -200,7 +200,7 @@ class RedisBroker(Broker):
             if queue is None:
                 return False
             try:
-                blocking.get().rpush(queue, item[1])
+                blocking.call("RPUSH", queue, item[1])
             except RedisError as exc:
                 raise BrokerError(f"redis broker publish: {type(exc).__name__}: {exc}") from exc
             return True
