@@ -264,3 +264,13 @@ def test_a_blocking_send_to_a_dead_server_is_a_clear_error(tmp_path: Path) -> No
                 srv.send_task(Signature("add", args=[1, 2]))
         finally:
             srv.close()
+
+
+def test_a_blocking_wait_on_the_portals_own_thread_is_refused(server: Server, raw: redis.Redis) -> None:
+    res = server.send_task(Signature("add", args=[1, 2]))
+
+    async def inside() -> object:
+        return res.get(timeout=1)  # would stall every other call on the portal for its wait
+
+    with pytest.raises(RuntimeError, match="own event-loop thread"):
+        server.portal.run(inside())

@@ -85,7 +85,7 @@ class AsyncResult:
         if self._state is not None and self._state.is_completed():
             return self._state
         reads = self._backend.blocking_reads()
-        if reads is None:
+        if reads is None or self._portal.in_portal():  # on the portal's own thread: its error
             result: TaskState = self._portal.run(self.await_state(timeout))
             return result
         return self._waited(reads.wait_completed(self.signature.uuid, timeout), timeout)
