@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from machinery._redis import Lane
 from machinery.brokers import _redis_lua as lua
 from machinery.brokers.redis import RedisBroker
 from machinery.config import Config
@@ -55,7 +56,7 @@ def sig(i: int, queue: str = "", eta: datetime | None = None) -> tuple[Signature
     return s, encode_signature(s)
 
 
-async def counted(broker: RedisBroker) -> list[str]:
+async def counted(broker: RedisBroker | Any) -> list[str]:
     """Record every command / pipeline the broker's client sends (one entry per round trip)."""
     client = await broker._client()
     calls: list[str] = []
@@ -78,6 +79,18 @@ async def counted(broker: RedisBroker) -> list[str]:
 
     client.execute_command = execute_command
     client.pipeline = make_pipeline
+    # a fetch loop's own connection (a Lane) is one more way to the server: counted the same
+    lanes = getattr(broker, "_lanes", None)
+    if lanes is None:
+        return calls
+    lane = lanes.get(lambda: Lane(client, broker.target))
+    lane_call = lane.call
+
+    async def call(*args: Any) -> Any:
+        calls.append(str(args[0]))
+        return await lane_call(*args)
+
+    lane.call = call  # type: ignore[method-assign]
     return calls
 
 

@@ -462,6 +462,53 @@ class LuaScript:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
+class Lane:
+    """A connection of its own for one sequence of commands (a worker's fetch loop, its commit
+    loop): a write and a read per command, without the pool's checkout and the client's
+    per-command wrappers, which cost about as much CPU as the command. While busy (another caller
+    on the same loop) and for Sentinel or Cluster, calls go through the pooled client instead.
+    Connection errors are retried as the client retries them."""
+
+    def __init__(self, client: Client, target: RedisTarget) -> None:
+        self.client = client
+        self._conn: Any = None
+        if not target.cluster and not target.master_name:
+            pool = client.connection_pool
+            self._conn = pool.connection_class(**pool.connection_kwargs)
+        self._busy = False
+
+    async def call(self, *args: Any) -> Any:
+        conn = self._conn
+        if conn is None or self._busy:
+            return await self.client.execute_command(*args)
+        self._busy = True
+        try:
+            return await conn.retry.call_with_retry(lambda: _lane_round_trip(conn, args),
+                                                    lambda _error: conn.disconnect())
+        finally:
+            self._busy = False
+
+    async def script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        from redis.exceptions import NoScriptError
+
+        if self._conn is None:  # a cluster client routes scripts (and loads them) by their keys
+            return await script(self.client, keys, args)
+        try:
+            return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.call("SCRIPT", "LOAD", script.src)
+            return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.disconnect()
+
+
+async def _lane_round_trip(conn: Any, args: tuple[Any, ...]) -> Any:
+    await conn.send_packed_command(conn.pack_command(*args))
+    return await conn.read_response()
+
+
 class Batch:
     """Commands and scripts sent in one pipelined round trip (per node in a cluster)."""
 
@@ -479,17 +526,19 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ops)
 
-    async def run(self, client: Client, raise_errors: bool = True) -> list[Any]:
+    async def run(self, client: Client, raise_errors: bool = True, lane: Lane | None = None) -> list[Any]:
         """Results in order; the first error is raised after every command has run (with
-        raise_errors False, errors are returned in place of the results instead)."""
+        raise_errors False, errors are returned in place of the results instead). A lone command
+        goes on `lane` when given (raw replies: no response callbacks)."""
         from redis.exceptions import NoScriptError, ResponseError
 
         if len(self.ops) == 1:  # no pipeline object: redis-py's pipelines cost more than a command
             script, args = self.ops[0]
             try:
                 if script is not None:
-                    return [await script(client, args[3:3 + args[2]], args[3 + args[2]:])]
-                return [await client.execute_command(*args)]
+                    keys, rest = args[3:3 + args[2]], args[3 + args[2]:]
+                    return [await (lane.script(script, keys, rest) if lane else script(client, keys, rest))]
+                return [await (lane.call(*args) if lane else client.execute_command(*args))]
             except ResponseError as exc:  # what a pipeline would return in place of the result
                 if raise_errors:
                     raise

@@ -22,6 +22,7 @@ from machinery._redis import (
     Batch,
     Client,
     Clients,
+    Lane,
     LuaScript,
     cancel_requested,
     parse_redis_url,
@@ -220,6 +221,7 @@ class RedisBackend(Backend):
         self._notifiers: PerLoop[Notifier] = PerLoop()
         self._cluster = self.target.cluster
         self._blocking = BlockingRedis(self.target, cnf, CHANNEL_PREFIX)
+        self._lanes: PerLoop[Lane] = PerLoop()
 
     async def _client(self) -> Client:
         return await self._clients.get()
@@ -272,7 +274,9 @@ class RedisBackend(Backend):
             n = len(batch)
             broker.ack_ops(batch, acks)
             try:
-                results = await batch.run(await self._client(), raise_errors=False)
+                client = await self._client()
+                lane = self._lanes.get(lambda: Lane(client, self.target))  # the committer's own connection
+                results = await batch.run(client, raise_errors=False, lane=lane)
             except Exception as exc:
                 return ((BackendError(f"redis backend: {exc}") if states or paired else None),
                         exc if acks else None)
@@ -475,6 +479,9 @@ class RedisBackend(Backend):
         notifier = self._notifiers.pop_current()
         if notifier is not None:
             await notifier.close()
+        lane = self._lanes.pop_current()
+        if lane is not None:
+            await lane.close()
         await self._clients.close()
         self._blocking.close()
 

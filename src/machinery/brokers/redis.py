@@ -34,6 +34,7 @@ from machinery._redis import (
     BlockingClient,
     Client,
     Clients,
+    Lane,
     cancel_requested,
     parse_redis_url,
     same_slot,
@@ -41,7 +42,7 @@ from machinery._redis import (
     wrap_errors,
 )
 from machinery.brokers import _redis_lua as lua
-from machinery.brokers.base import BlockingPublish, Broker, Delivery, PublishItem
+from machinery.brokers.base import BlockingPublish, Broker, Delivery, PerLoop, PublishItem
 from machinery.errors import BrokerError
 from machinery.log import get_logger
 from machinery.tasks import gojson
@@ -105,6 +106,7 @@ class RedisBroker(Broker):
         self.dead_letter_key = DEAD_LETTER_KEY
         self._clients = Clients(self.target, cnf)
         self._blocking = BlockingClient(self.target, cnf)
+        self._lanes: PerLoop[Lane] = PerLoop()  # the fetch loop's own connection
         self._keys: dict[str, _Keys] = {}
         self._next_move = 0.0  # monotonic time of the next look at the delayed set
         period = cnf.redis.delayed_tasks_poll_period or 500
@@ -224,6 +226,7 @@ class RedisBroker(Broker):
     async def fetch(self, queue: str, max_count: int, wait: float) -> list[Delivery]:
         """Claim up to max_count in one round trip; else block up to `wait` (BLMOVE wakes on a publish)."""
         client = await self._client()
+        lane = self._lanes.get(lambda: Lane(client, self.target))
         keys = self._queue_keys(queue)
         deadline = time.monotonic() + max(0.0, wait)
         max_count = max(1, max_count)
@@ -240,7 +243,7 @@ class RedisBroker(Broker):
                     await self._move_due(client)
                     lapse = None
                 if lapse is None:
-                    got, next_lease = await self._claim(client, keys, max_count)
+                    got, next_lease = await self._claim(lane, keys, max_count)
                     if got:
                         return got
                 else:
@@ -256,7 +259,7 @@ class RedisBroker(Broker):
                 if block < 0.001:
                     await asyncio.sleep(max(0.0, block))
                     continue
-                landed = await client.blmove(queue, keys.landing, round(block, 3), "LEFT", "RIGHT")
+                landed = await lane.call("BLMOVE", queue, keys.landing, "LEFT", "RIGHT", round(block, 3))
                 if landed is None:
                     if cancel_requested():
                         raise asyncio.CancelledError
@@ -265,7 +268,7 @@ class RedisBroker(Broker):
                 # so the task starts one round trip sooner. Anything else the claim finds is kept
                 # for the next fetch.
                 d = Delivery(landed, keys.queue)
-                task = asyncio.get_running_loop().create_task(self._claim_landed(client, keys, d, max_count))
+                task = asyncio.get_running_loop().create_task(self._claim_landed(lane, keys, d, max_count))
                 self._landing[d] = task
                 task.add_done_callback(functools.partial(self._landed, d))
                 return [d]
@@ -284,14 +287,14 @@ class RedisBroker(Broker):
             cap = min(cap, max(0.05, read - 1.0))
         return cap
 
-    async def _claim_landed(self, client: Client, keys: _Keys, d: Delivery, count: int) -> None:
+    async def _claim_landed(self, lane: Lane, keys: _Keys, d: Delivery, count: int) -> None:
         """Claim what our landing list holds (and up to `count` in all) and give `d` its receipt;
         retried until it works (the landing list keeps the message meanwhile, and a dead
         consumer's list is reaped)."""
         backoff = 0.05
         while True:
             try:
-                got, next_lease = await self._claim(client, keys, count)
+                got, next_lease = await self._claim(lane, keys, count)
                 break
             except _TRANSIENT as exc:
                 get_logger().warning("claiming a landed message from %s failed, retrying: %s", keys.queue, exc)
@@ -319,10 +322,10 @@ class RedisBroker(Broker):
         if tasks:
             await asyncio.gather(*(asyncio.shield(t) for t in tasks))
 
-    async def _claim(self, client: Client, keys: _Keys, count: int) -> tuple[list[Delivery], float]:
+    async def _claim(self, lane: Lane, keys: _Keys, count: int) -> tuple[list[Delivery], float]:
         """One round trip: reap lapsed leases, claim up to `count`; also seconds to the next lapse."""
-        ids, bodies, counts, next_ms = await lua.CLAIM(
-            client, keys.claim, [self.consumer_id, self._lease_ms(), count, keys.landing_prefix, self.reap_limit])
+        ids, bodies, counts, next_ms = await lane.script(
+            lua.CLAIM, keys.claim, [self.consumer_id, self._lease_ms(), count, keys.landing_prefix, self.reap_limit])
         next_lease = next_ms / 1000.0 if next_ms >= 0 else float("inf")
         if not counts:
             return [Delivery(b, keys.queue, i) for i, b in zip(ids, bodies, strict=True)], next_lease
@@ -488,6 +491,9 @@ class RedisBroker(Broker):
 
     async def close(self) -> None:
         """Release the current loop's connections (claims stay until acked or their leases lapse)."""
+        lane = self._lanes.pop_current()
+        if lane is not None:
+            await lane.close()
         await self._clients.close()
         self._blocking.close()
 
