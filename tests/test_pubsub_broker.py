@@ -143,6 +143,25 @@ async def test_eta_does_not_block_the_sender(broker: Any, names: str) -> None:
     await broker.ack(got)
 
 
+async def test_message_due_within_a_second_is_kept_not_held(broker: Any, names: str) -> None:
+    """Due after the fetch's wait but within the shortest hold (1 s): the fetch keeps it until its ETA.
+    A hold would make it late and send it through another delivery, which a stalled service can lose
+    to a Pull's deadline for the whole ack deadline (the flaky test_delay)."""
+    queue = broker.cnf.default_queue
+    await broker.fetch(queue, 1, 0.0)  # creates the subscription; its Pull stays in flight
+    eta_ns = time.time_ns() + 800_000_000
+    sig = Signature("add", [1], routing_key=queue, eta=datetime.fromtimestamp(eta_ns / 1e9, UTC))
+    await broker.publish(sig, sig.to_json(), eta_ns)
+    got: list[Delivery] = []
+    give_up = time.monotonic() + 10
+    while not got and time.monotonic() < give_up:
+        got = await broker.fetch(queue, 10, 0.2)  # each wait ends well before the ETA
+    assert [d.body for d in got] == [sig.to_json()]
+    assert time.time_ns() >= eta_ns
+    assert (got[0].attempts, got[0].redelivered) == (1, False), "held and delivered again"
+    await broker.ack(got)
+
+
 async def test_delayed_message_carries_its_eta_attribute(broker: Any, names: str) -> None:
     eta_ns = time.time_ns() + 60_000_000_000
     sig = Signature("add", [1], routing_key=broker.cnf.default_queue)

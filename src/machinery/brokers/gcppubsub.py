@@ -21,10 +21,13 @@ policy count them; otherwise every delivery reports 1).
 Delayed tasks (Go's ETA blocks the sender instead): the message is published at once with the
 attribute `machinery_eta_ns`; a fetch that pulls it before its time does not hand it out but
 pushes its ack deadline to the ETA (in steps of at most 600 s), keeping it in the fetch when it is
-due before the fetch returns. Limits: each step is a redelivery, so it counts as a delivery attempt
-on a subscription with a dead-letter policy (an ETA more than max_delivery_attempts x 10 min away
-would be dead-lettered by Pub/Sub), an ETA cannot outlast the topic's message retention (7 days by
-default), and Go workers ignore the attribute and run such a task at once.
+due before the fetch returns or within a second, even past `wait`: a hold lasts whole seconds, so it
+would only make the message late and send it through one more delivery, whose Pull answer a
+stalled service can lose to the Pull's deadline (hiding the message for the subscription's ack
+deadline). Limits: each step is a redelivery, so it counts as a delivery attempt on a subscription
+with a dead-letter policy (an ETA more than max_delivery_attempts x 10 min away would be
+dead-lettered by Pub/Sub), an ETA cannot outlast the topic's message retention (7 days by default),
+and Go workers ignore the attribute and run such a task at once.
 
 dead_letter() publishes the message to the topic `<default_queue>.dead_letters` with the reason in
 the attribute `machinery_reason` and acks the original; dead_letters() reads the subscription of
@@ -92,6 +95,9 @@ PUBLISH_BYTES: Final = 9_000_000  # a Publish request may carry 10 MB
 ATTR_VALUE_BYTES: Final = 1024
 _MIN_POLL, _MAX_POLL = 0.01, 0.2
 _MIN_PULL_TIMEOUT = 0.05
+#: a message due within this many ns stays in the fetch (past its wait) rather than being held: the
+#: shortest hold is 1 s (ModifyAckDeadline takes whole seconds)
+_KEEP_DUE_WITHIN_NS = 1_000_000_000
 #: a Pull's deadline runs this long past the wait of the fetch that starts it (the emulator answers an
 #: empty pull about 1 s before its deadline)
 PULL_GRACE = 1.0
@@ -230,7 +236,8 @@ class PubSubBroker(Broker):
     # --- consuming -------------------------------------------------------------------------
 
     async def fetch(self, queue: str, max_count: int, wait: float) -> list[Delivery]:
-        """Pull until something is ready or `wait` passes; messages not yet due are held back."""
+        """Pull until something is ready or `wait` passes; messages not yet due are held back
+        (one due within a second is kept until due instead, so the fetch may outlast `wait` by that)."""
         if max_count <= 0:
             return []
         link = self._link()
@@ -247,8 +254,11 @@ class PubSubBroker(Broker):
                 ready.extend(d for eta, d in soon if eta <= now_ns)
                 soon = [(eta, d) for eta, d in soon if eta > now_ns]
                 left = deadline - time.monotonic()
-                if ready or (left <= 0 and tried):
+                if ready or (left <= 0 and tried and not soon):
                     break
+                if left <= 0 and soon:  # past the wait, only to hand out what is due shortly
+                    await asyncio.sleep((min(eta for eta, _ in soon) - now_ns) / 1e9)
+                    continue
                 left = max(left, _MIN_PULL_TIMEOUT)  # fetch(wait=0) still asks once
                 timeout = min(left, (min(eta for eta, _ in soon) - now_ns) / 1e9) if soon else left
                 room = min(max_count - len(soon), MAX_PULL)
@@ -274,7 +284,7 @@ class PubSubBroker(Broker):
                     continue
                 poll = _MIN_POLL
                 now_ns = time.time_ns()
-                until_ns = now_ns + int((deadline - time.monotonic()) * 1e9)
+                until_ns = max(now_ns + int((deadline - time.monotonic()) * 1e9), now_ns + _KEEP_DUE_WITHIN_NS)
                 later: list[tuple[int, Delivery]] = []
                 for eta, d in got:
                     if eta <= now_ns:
