@@ -314,3 +314,47 @@ def test_copies_decode_as_go_would_send_them() -> None:
     assert isinstance(first, Signature)
     data = encode_signature(first)
     assert encode_signature(decode_signature(data)) == data
+
+
+# --- waiting on a chain ----------------------------------------------------------------------
+
+
+def _chain_results(n: int) -> tuple[Any, list[Any], Any]:
+    from machinery import Config, Server
+
+    server = Server(Config(broker="memory://", result_backend="memory://"))
+    result = server.send_chain(Chain(*(Signature("add", [i, 1]) for i in range(n))))
+    return server, result.async_results, result
+
+
+def test_a_chain_waits_on_its_last_step_and_reports_an_earlier_failure_promptly() -> None:
+    import time
+
+    from machinery.errors import TaskError
+    from machinery.tasks.state import FAILURE, TaskState
+
+    server, steps, result = _chain_results(5)
+    try:
+        backend = server.get_backend()
+        server.portal.run(backend.set_state(TaskState(steps[2].task_uuid, FAILURE, error="link 2 broke")))
+        started = time.monotonic()
+        with pytest.raises(TaskError, match="link 2 broke"):
+            result.get(timeout=10)  # the last step never runs: the failure is found between waits
+        assert time.monotonic() - started < 1.0
+    finally:
+        server.close()
+
+
+def test_a_chain_wait_times_out_naming_the_chain() -> None:
+    import time
+
+    from machinery.errors import TimeoutError
+
+    server, _, result = _chain_results(3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="chain's last step"):
+            result.get(timeout=0.3)
+        assert 0.3 <= time.monotonic() - started < 1.0
+    finally:
+        server.close()

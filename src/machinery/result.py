@@ -152,12 +152,31 @@ class ChainAsyncResult:
             out.extend(s.results if isinstance(s, GroupAsyncResult) else [s])
         return out
 
+    #: longest pause between looks at the earlier steps for a failure, while the last one runs
+    failure_check = 0.25
+
     async def aget(self, timeout: float | None = None) -> Any:
+        """Waits for the last step only: each link runs after the one before succeeded, so the
+        last one's value is the chain's. A failed link stops the chain, so the earlier steps are
+        read (in one call) between waits, and the first failure among them is raised."""
         deadline = _deadline(timeout)
-        value: Any = None
-        for step in self.steps:
-            value = await step.aget(_left(deadline))
-        return value
+        last, earlier = self.steps[-1], self.async_results[:-1]
+        if isinstance(last, GroupAsyncResult):
+            earlier = [r for r in earlier if r not in last.results]
+        pause = 0.01
+        while True:
+            left = _left(deadline)
+            try:
+                return await last.aget(pause if left is None else min(pause, left))
+            except TimeoutError:
+                if left is not None and left <= pause:
+                    raise TimeoutError(f"no result for the chain's last step ({last!r}) within {timeout} s") from None
+            if earlier:
+                states = await earlier[0]._backend.get_states([r.task_uuid for r in earlier])
+                for st in states:
+                    if st is not None and st.state == FAILURE:
+                        _unpack(st)  # raises its TaskError
+            pause = min(pause * 2, self.failure_check)
 
     def get(self, timeout: float | None = None) -> Any:
         return self._portal.run(self.aget(timeout))
