@@ -124,3 +124,22 @@ def test_cluster_broker_refuses_queue_names_it_cannot_colocate() -> None:
     broker._queue_keys("fine{tag}")
     with pytest.raises(BrokerError, match="hash tag"):
         broker._queue_keys("a}b{")
+
+
+def test_connections_pack_commands_byte_for_byte_as_redis_py() -> None:
+    import redis.asyncio as aioredis
+
+    from machinery._redis import _timer_bounded
+
+    ours, theirs = _timer_bounded(aioredis.Connection)(), aioredis.Connection()
+    assert ours._packer is not None  # hiredis is a dependency: the C packer is what runs
+    big = b"x" * 100_000  # past redis-py's chunking cutoff
+    commands = [
+        ("BLMOVE", "q", "{q}:landing", "LEFT", "RIGHT", 0.499),
+        ("EVALSHA", "ab" * 20, 2, "k1", "k2", 1795849668912605743, -3, 1e-05),
+        ("SCRIPT LOAD", "return 1"),
+        ("RPUSH", "q", "é", big, memoryview(b"view"), bytearray(b"array")),
+    ]
+    for cmd in commands:
+        assert b"".join(ours.pack_command(*cmd)) == b"".join(theirs.pack_command(*cmd))
+    assert b"".join(ours.pack_commands(commands)) == b"".join(theirs.pack_commands(commands))

@@ -320,6 +320,14 @@ def _blocking_tls_class(ctx: ssl.SSLContext | None) -> type[Any]:
     return _ContextSSLConnection
 
 
+def _hiredis_packer() -> Any:
+    """redis-py's hiredis command packer, or None without hiredis."""
+    from redis.connection import HiredisRespSerializer
+    from redis.utils import HIREDIS_AVAILABLE
+
+    return HiredisRespSerializer() if HIREDIS_AVAILABLE else None
+
+
 def _timer_bounded(base: type[Any]) -> type[Any]:
     """`base` with each write bounded by asyncio.timeout instead of redis-py's asyncio.wait_for,
     which on Python 3.11 wraps every write in a new Task: a tenth of a round trip's wall time
@@ -328,6 +336,15 @@ def _timer_bounded(base: type[Any]) -> type[Any]:
 
     class TimerBounded(base):  # type: ignore[misc]
         socket_timeout: float | None
+        _packer = _hiredis_packer()
+
+        def pack_command(self, *args: Any) -> list[bytes]:
+            """hiredis packs in C (the blocking client does too): the same bytes, a fraction of
+            the time for a batch's tens of thousands of arguments."""
+            if self._packer is None or self.encoder.encoding.lower().replace("-", "") != "utf8":
+                return list(super().pack_command(*args))
+            packed: list[bytes] = self._packer.pack(*args)
+            return packed
 
         async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
             timeout = self.socket_timeout
