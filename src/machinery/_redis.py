@@ -619,3 +619,21 @@ def wrap_errors(
         return wrapper
 
     return deco
+
+
+def wrap_blocking_errors(error: type[MachineryError], what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """wrap_errors for the blocking calls: the same wording, the same cause."""
+
+    def deco(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            from redis.exceptions import RedisError
+
+            try:
+                return fn(*args, **kwargs)
+            except RedisError as exc:
+                raise error(f"{what} {fn.__name__}: {type(exc).__name__}: {exc}") from exc
+
+        return wrapper
+
+    return deco

@@ -11,14 +11,13 @@ take the asyncio path.
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from machinery._redis import BlockingClient, Client, LuaScript
+from machinery._redis import BlockingClient, Client, LuaScript, wrap_blocking_errors
 from machinery.errors import BackendError
 from machinery.tasks.state import TaskState, decode_state
 
@@ -26,28 +25,13 @@ if TYPE_CHECKING:
     from machinery._redis import RedisTarget
     from machinery.config import Config
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
 #: seconds between re-reads of a waited-for state: states written by Go are not published
 RECHECK_FIRST, RECHECK_MAX = 0.25, 1.0
 #: how long the last look at the deadline may take (a state stored just before it still counts)
 LAST_LOOK = 0.1
 
 
-def _wrap(fn: Callable[P, R]) -> Callable[P, R]:
-    """redis-py errors become BackendError, worded as on the asyncio path."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from redis.exceptions import RedisError
-
-        try:
-            return fn(*args, **kwargs)
-        except RedisError as exc:
-            raise BackendError(f"redis backend {fn.__name__}: {type(exc).__name__}: {exc}") from exc
-
-    return wrapper
+_wrap = wrap_blocking_errors(BackendError, "redis backend")
 
 
 class _Late(Exception):

@@ -39,6 +39,7 @@ from machinery._redis import (
     parse_redis_url,
     same_slot,
     tagged,
+    wrap_blocking_errors,
     wrap_errors,
 )
 from machinery.brokers import _redis_lua as lua
@@ -195,16 +196,12 @@ class RedisBroker(Broker):
             return None
         blocking = self._blocking
 
+        @wrap_blocking_errors(BrokerError, "redis broker")
         def publish(item: PublishItem) -> bool:
-            from redis.exceptions import RedisError
-
             queue = self.ready_queue(item)
             if queue is None:
                 return False
-            try:
-                blocking.call("RPUSH", queue, item[1])
-            except RedisError as exc:
-                raise BrokerError(f"redis broker publish: {type(exc).__name__}: {exc}") from exc
+            blocking.call("RPUSH", queue, item[1])
             return True
 
         return publish
