@@ -505,6 +505,20 @@ class Lane:
         finally:
             self._busy = False
 
+    async def pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any] | None:
+        """The commands in one write, their replies in order (an error reply in place of its
+        result); None while busy or without a connection of our own: use the client's pipeline."""
+        conn = self._conn
+        if conn is None or self._busy:
+            return None
+        self._busy = True
+        try:
+            result: list[Any] = await conn.retry.call_with_retry(lambda: _lane_pipeline(conn, commands),
+                                                                 lambda _error: conn.disconnect())
+            return result
+        finally:
+            self._busy = False
+
     async def script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         from redis.exceptions import NoScriptError
 
@@ -526,6 +540,22 @@ async def _lane_round_trip(conn: Any, args: tuple[Any, ...]) -> Any:
     return await conn.read_response()
 
 
+async def _lane_pipeline(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    from redis.exceptions import ResponseError
+
+    packed: list[bytes] = []
+    for args in commands:
+        packed += conn.pack_command(*args)
+    await conn.send_packed_command(packed)
+    results: list[Any] = []
+    for _ in commands:
+        try:
+            results.append(await conn.read_response())
+        except ResponseError as exc:  # the reply was read whole: the connection stays in step
+            results.append(exc)
+    return results
+
+
 class Batch:
     """Commands and scripts sent in one pipelined round trip (per node in a cluster)."""
 
@@ -545,8 +575,9 @@ class Batch:
 
     async def run(self, client: Client, raise_errors: bool = True, lane: Lane | None = None) -> list[Any]:
         """Results in order; the first error is raised after every command has run (with
-        raise_errors False, errors are returned in place of the results instead). A lone command
-        goes on `lane` when given (raw replies: no response callbacks)."""
+        raise_errors False, errors are returned in place of the results instead). With `lane`,
+        the commands go on its connection when it is free, in one write (raw replies: no
+        response callbacks)."""
         from redis.exceptions import NoScriptError, ResponseError
 
         if len(self.ops) == 1:  # no pipeline object: redis-py's pipelines cost more than a command
@@ -560,12 +591,12 @@ class Batch:
                 if raise_errors:
                     raise
                 return [exc]
-        results = await _pipeline(client, [a for _, a in self.ops])
+        results = await _pipeline(client, [a for _, a in self.ops], lane)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:  # a restarted or new node: load, then run only the commands that did not run
             for script in {id(s): s for s, _ in self.ops if s is not None}.values():
                 await client.script_load(script.src)
-            again = await _pipeline(client, [self.ops[i][1] for i in missing])
+            again = await _pipeline(client, [self.ops[i][1] for i in missing], lane)
             for i, r in zip(missing, again, strict=True):
                 results[i] = r
         if not raise_errors:
@@ -576,7 +607,11 @@ class Batch:
         return results
 
 
-async def _pipeline(client: Client, commands: list[tuple[Any, ...]]) -> list[Any]:
+async def _pipeline(client: Client, commands: list[tuple[Any, ...]], lane: Lane | None = None) -> list[Any]:
+    if lane is not None:
+        done = await lane.pipeline(commands)
+        if done is not None:
+            return done
     pipe = client.pipeline(transaction=False)
     for args in commands:
         pipe.execute_command(*args)
