@@ -91,6 +91,15 @@ async def counted(broker: RedisBroker | Any) -> list[str]:
         return await lane_call(*args)
 
     lane.call = call  # type: ignore[method-assign]
+    lane_pipeline = lane.pipeline
+
+    async def pipeline_on_lane(commands: Any) -> Any:
+        out = await lane_pipeline(commands)
+        if out is not None:  # None: the lane was busy, the client's pipeline (counted) runs it
+            calls.append("PIPELINE")
+        return out
+
+    lane.pipeline = pipeline_on_lane  # type: ignore[method-assign]
     return calls
 
 

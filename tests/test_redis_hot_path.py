@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from machinery import Config, Server, Signature
 from machinery.backends.base import JointCommit
-from machinery.backends.redis import COMMIT, SEND_ONE, SET_STATES, RedisBackend
+from machinery.backends.redis import COMMIT, COMMIT_LANDED, SEND_ONE, SET_PENDING, SET_STATES, RedisBackend
 from machinery.brokers import _redis_lua as lua
 from machinery.brokers.base import Delivery
 from machinery.brokers.redis import RedisBroker
@@ -124,6 +124,129 @@ async def test_settle_gives_a_landed_redelivery_its_attempt_count(broker: RedisB
     assert got[0].redelivered and got[0].attempts == 3
 
 
+async def landed(broker: RedisBroker, raw: aioredis.Redis, i: int) -> Delivery:
+    """A message fetched by a blocked fetch (BLMOVE into the landing list), not claimed yet."""
+    pusher = asyncio.create_task(push_later(raw, body(i)))
+    got = await broker.fetch(QUEUE, 10, 5.0)
+    await pusher
+    assert [d.body for d in got] == [body(i)] and got[0].receipt is None
+    return got[0]
+
+
+def landing_key(broker: RedisBroker) -> str:
+    return f"{{{QUEUE}}}:machinery:landing:{broker.consumer_id}"
+
+
+async def test_landed_task_done_quickly_is_committed_from_the_landing_list_without_a_claim(
+    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    backend = RedisBackend(cnf)
+    commit = backend.joint_commit(broker)
+    assert commit is not None
+    await raw.script_load(COMMIT_LANDED.src)  # a fresh server loads it once: not counted here
+    d = await landed(broker, raw, 11)
+    consumers = f"{{{QUEUE}}}:machinery:consumers"
+    seen = await raw.zscore(consumers, broker.consumer_id)
+    await asyncio.sleep(0.002)
+    assert broker.hold(d)  # reserved for the landed commit: no claim starts now
+    calls = await counted(backend)
+    done = TaskState("task_0011", SUCCESS, task_name="add", created_at=datetime.now(UTC))
+    assert await commit([], [], [(done, d)]) == (None, None)
+    assert calls == ["EVALSHA"]  # the state and the message's removal: one script
+    stored = await backend.get_state("task_0011")
+    assert stored is not None and stored.state == SUCCESS
+    assert await raw.llen(landing_key(broker)) == 0
+    renewed = await raw.zscore(consumers, broker.consumer_id)
+    assert seen is not None and renewed is not None and renewed > seen  # the consumer's deadline
+    await asyncio.sleep(broker.landed_claim_delay * 4)
+    assert await raw.hlen(INFLIGHT) == 0 and not await raw.exists(f"{{{QUEUE}}}:machinery:seq")  # never claimed
+    # the commit saw the queue empty: the next fetch blocks at once instead of claiming first
+    fetch_calls = await counted(broker)
+    assert await broker.fetch(QUEUE, 10, 0.05) == []
+    assert fetch_calls[0] == "BLMOVE"
+    await backend.close()
+
+
+async def test_landed_task_still_running_after_the_delay_is_claimed(
+    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    backend = RedisBackend(cnf)
+    commit = backend.joint_commit(broker)
+    assert commit is not None
+    d = await landed(broker, raw, 12)
+    await asyncio.sleep(broker.landed_claim_delay * 4)
+    await broker.settle([d])  # the claim started by itself; this waits for it
+    assert d.receipt is not None and await raw.hvals(INFLIGHT) == [body(12)]
+    assert await raw.llen(landing_key(broker)) == 0
+    assert broker.hold(d)  # claimed: acked by its receipt
+    done = TaskState("task_0012", SUCCESS, task_name="add", created_at=datetime.now(UTC))
+    assert await commit([], [], [(done, d)]) == (None, None)
+    assert await raw.hlen(INFLIGHT) == 0
+    await backend.close()
+
+
+async def test_a_landed_commit_that_fails_claims_the_message_and_keeps_it(
+    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    backend = RedisBackend(cnf)
+    commit = backend.joint_commit(broker)
+    assert commit is not None
+    d = await landed(broker, raw, 13)
+    assert broker.hold(d)
+    await raw.hset("task_0013", "x", "1")  # the state write fails: WRONGTYPE
+    stored_err, acked_err = await commit([], [], [(TaskState("task_0013", SUCCESS), d)])
+    assert isinstance(stored_err, BackendError) and "WRONGTYPE" in str(stored_err) and acked_err is None
+    await broker.settle([d])  # the failure started its claim
+    assert d.receipt is not None and await raw.hvals(INFLIGHT) == [body(13)]  # kept, under a lease
+    await raw.delete("task_0013")
+    assert await commit([], [], [(TaskState("task_0013", SUCCESS), d)]) == (None, None)
+    assert await raw.hlen(INFLIGHT) == 0 and await raw.llen(landing_key(broker)) == 0
+    stored = await backend.get_state("task_0013")
+    assert stored is not None and stored.state == SUCCESS
+    await backend.close()
+
+
+async def test_landed_commit_of_a_reaped_consumer_still_stores_the_state(
+    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    """A consumer stalled past its deadline: another consumer's reaper put its landing list back
+    on the queue, so the message runs again there; the late commit stores its state and removes
+    nothing."""
+    backend = RedisBackend(cnf)
+    commit = backend.joint_commit(broker)
+    assert commit is not None
+    d = await landed(broker, raw, 14)
+    assert broker.hold(d)
+    await raw.lmove(landing_key(broker), QUEUE, "RIGHT", "LEFT")  # what the reaper does
+    assert await commit([], [], [(TaskState("task_0014", SUCCESS), d)]) == (None, None)
+    assert await raw.lrange(QUEUE, 0, -1) == [body(14)]
+    stored = await backend.get_state("task_0014")
+    assert stored is not None and stored.state == SUCCESS
+    await backend.close()
+
+
+def test_worker_round_trips_on_an_idle_queue_need_no_claim(cnf: Config, raw: aioredis.Redis) -> None:
+    """BLMOVE, run, one landed commit: a task that finishes within the delay is never claimed."""
+    server = Server(cnf)
+    broker = server.get_broker()
+    assert isinstance(broker, RedisBroker)
+    broker.landed_claim_delay = 5.0  # this test checks the path, not the machine's speed
+
+    @server.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    with running_worker(server, concurrency=2):
+        time.sleep(0.3)  # the worker is blocked in BLMOVE by now
+        for i in range(5):
+            assert server.send_task(Signature("add", [i, 1])).get(timeout=10) == i + 1
+    probe = redis.Redis.from_url(REDIS_URL)
+    assert probe.get(f"{{{QUEUE}}}:machinery:seq") is None  # no message was ever claimed
+    assert probe.hlen(INFLIGHT) == 0 and probe.llen(QUEUE) == 0
+    probe.close()
+    server.close()
+
+
 # --- joint round trips -----------------------------------------------------------------------
 
 
@@ -131,7 +254,7 @@ async def test_send_is_one_round_trip_when_broker_and_backend_share_redis(cnf: C
     server = Server(cnf)
     backend = server.get_backend()
     assert isinstance(backend, RedisBackend)
-    for script in (SEND_ONE, lua.DELAY):  # a fresh server loads each once: not counted here
+    for script in (SEND_ONE, SET_PENDING, lua.DELAY):  # a fresh server loads each once: not counted here
         await raw.script_load(script.src)
     calls = await counted(backend)  # type: ignore[arg-type]
     sig = Signature("add", [1, 2])

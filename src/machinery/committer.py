@@ -87,7 +87,7 @@ class Committer:
                 st = states.get(uuid)
                 if st is None:
                     acks.append(d)
-                elif self._joint is not None and self._broker.settled(d):
+                elif self._joint is not None and self._broker.hold(d):
                     pairs.append((st, d))
                 else:  # two stores (acking now would add a round trip to this flush), or a
                     deferred.append(d)  # claim still running (waiting for it would hold the state back)

@@ -132,6 +132,22 @@ ack(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], ids)
 return n
 """)
 
+# A worker's commit of tasks whose messages it never claimed (a blocked fetch's BLMOVE dropped each
+# in the consumer's landing list): their final states, then each message out of the landing list,
+# and the consumer's deadline renewed (only while it is registered: a reaped consumer's list is
+# already back on the queue, so its messages run again, as any lapsed claim's). KEYS: n task uuids,
+# then the landing list, consumers zset and queue. ARGV: expiry, channel prefix, n state arguments,
+# consumer id, lease ms, then the n message bodies. Returns the queue's length.
+COMMIT_LANDED = LuaScript(_STORE_FN + """
+local n = #KEYS - 3
+store(ARGV[1], ARGV[2], 1, n, 2)
+for i = n + 5, #ARGV do redis.call('LREM', KEYS[n + 1], 1, ARGV[i]) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[n + 2], 'XX', now + tonumber(ARGV[n + 4]), ARGV[n + 3])
+return redis.call('LLEN', KEYS[n + 3])
+""")
+
 # KEYS: task uuids. ARGV: expiry, the state JSONs in KEYS order, each ended by a newline (encoded
 # JSON has none of its own). SET NX EX each (set_pending). One blob instead of an argument per
 # state: redis-py packs arguments one by one in Python.
@@ -263,14 +279,23 @@ class RedisBackend(Backend):
                                                                                      Exception | None]:
             if acks or paired:
                 await broker.settle([*acks, *(d for _, d in paired)])
+            groups = broker.landed_groups(paired)
+            in_groups = {id(d) for _, _, items in groups for _, d in items}
+            # a pair whose message has no receipt and is not landed here has nothing to ack
+            loose = [s for s, d in paired if d.receipt is None and id(d) not in in_groups]
             batch = Batch()
-            self._state_ops(batch, states)
+            self._state_ops(batch, [*states, *loose] if loose else states)
             head = [self.expire_in, CHANNEL_PREFIX]
             for keys, pairs in broker.ack_groups(paired):
                 for i in range(0, len(pairs), self.chunk):
                     part = pairs[i:i + self.chunk]
                     batch.script(COMMIT, [*(s.task_uuid for s, _ in part), *keys],
                                  [*head, *(_state_arg(s) for s, _ in part), *(r for _, r in part)])
+            landed: list[tuple[int, list[Delivery]]] = []  # batch index, its deliveries
+            for keys, args, items in groups:
+                landed.append((len(batch), [d for _, d in items]))
+                batch.script(COMMIT_LANDED, [*(s.task_uuid for s, _ in items), *keys],
+                             [*head, *(_state_arg(s) for s, _ in items), *args, *(d.body for _, d in items)])
             n = len(batch)
             broker.ack_ops(batch, acks)
             try:
@@ -278,8 +303,15 @@ class RedisBackend(Backend):
                 lane = self._lanes.get(lambda: Lane(client, self.target))  # the committer's own connection
                 results = await batch.run(client, raise_errors=False, lane=lane)
             except Exception as exc:
+                for _, ds in landed:
+                    broker.landed_failed(ds)
                 return ((BackendError(f"redis backend: {exc}") if states or paired else None),
                         exc if acks else None)
+            for i, ds in landed:
+                if isinstance(results[i], Exception):
+                    broker.landed_failed(ds)
+                else:
+                    broker.landed_committed(ds, int(results[i]))
             failed_states = next((r for r in results[:n] if isinstance(r, Exception)), None)
             failed_acks = next((r for r in results[n:] if isinstance(r, Exception)), None)
             return (None if failed_states is None else BackendError(f"redis backend: {failed_states}"),

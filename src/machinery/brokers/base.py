@@ -123,8 +123,9 @@ class Broker(PortalUser, ABC):
         round trip sooner; ack(), requeue(), renew() and dead_letter() settle by themselves.
         """
 
-    def settled(self, delivery: Delivery) -> bool:
-        """Whether the delivery's claim is complete (settle() would not wait)."""
+    def hold(self, delivery: Delivery) -> bool:
+        """Whether the delivery can be acked in a result backend's joint commit now, without
+        waiting for its claim; a driver may reserve it for that commit (see the Redis broker)."""
         return True
 
     @abstractmethod

@@ -3,9 +3,9 @@
 Wire layout as Go: RPUSH the signature JSON to the list named by its RoutingKey; delayed messages
 in the zset `delayed_tasks` (score = ETA in Unix ns, member = the JSON). Go pops with BLPOP and
 loses whatever a dying worker held; here a message leaves its list only into the queue's in-flight
-hash, with a lease deadline per message (atomically, by one Lua script per fetch; a blocked fetch
-first BLMOVEs one message into its own landing list, which that script drains). ack() removes it
-once its final state is stored; renew() extends the leases of long tasks; a lease that lapses puts
+hash, with a lease deadline per message (atomically, by one Lua script per fetch), or into the
+consumer's own landing list by a blocked fetch's BLMOVE, where it runs unclaimed for a moment
+(_redis_landing.py). ack() removes it once its final state is stored; renew() extends the leases of long tasks; a lease that lapses puts
 the message back at the head of its queue at the next fetch by any consumer of that queue.
 See _redis_lua.py for the key layout.
 
@@ -43,6 +43,7 @@ from machinery._redis import (
     wrap_errors,
 )
 from machinery.brokers import _redis_lua as lua
+from machinery.brokers._redis_landing import Landings
 from machinery.brokers.base import BlockingPublish, Broker, Delivery, PerLoop, PublishItem
 from machinery.errors import BrokerError
 from machinery.log import get_logger
@@ -95,6 +96,9 @@ class RedisBroker(Broker):
     #: messages moved per delayed-set step; expired leases and dead consumers reaped per fetch
     move_batch = 1000
     reap_limit = 1000
+    #: seconds a BLMOVE-landed message runs unclaimed: a task done by then (with its state stored
+    #: on this Redis) costs no claim, see _redis_landing.py; a slower one is claimed then
+    landed_claim_delay = 0.005
 
     def __init__(self, cnf: Config, url: str = "") -> None:
         super().__init__(cnf, url or cnf.broker)
@@ -113,13 +117,15 @@ class RedisBroker(Broker):
         period = cnf.redis.delayed_tasks_poll_period or 500
         self._move_period = period / 1000.0
         self._cluster = self.target.cluster
-        #: deliveries handed out straight from BLMOVE whose claim is still running
-        self._landing: dict[Delivery, asyncio.Task[None]] = {}
+        #: deliveries handed out straight from BLMOVE, not yet committed or claimed
+        self._landing = Landings()
         self._claimed_extra: dict[str, list[Delivery]] = {}
-        #: queue -> monotonic time of its next lease lapse, set when a landed message's claim found
-        #: the queue empty: the next fetch blocks at once instead of claiming again (one round trip
-        #: less per task when work trickles in)
+        #: queue -> monotonic time of its next lease lapse, set when a landed message's claim or
+        #: commit found the queue empty: the next fetch blocks at once instead of claiming again
+        #: (one round trip less per task when work trickles in)
         self._drained: dict[str, float] = {}
+        #: queue -> monotonic time of its next lease lapse, as the last claim saw it
+        self._lapse_at: dict[str, float] = {}
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -229,8 +235,8 @@ class RedisBroker(Broker):
         max_count = max(1, max_count)
         backoff = 0.05
         while True:
-            if self._landing:
-                await self.settle(list(self._landing))
+            if self._landing:  # a claim drains the landing list: wait until it holds no handed-out message
+                await self._landing.resolved()
             extra = self._claimed_extra.pop(queue, None)
             if extra:
                 return extra
@@ -261,13 +267,12 @@ class RedisBroker(Broker):
                     if cancel_requested():
                         raise asyncio.CancelledError
                     continue
-                # The message is ours (in our landing list): hand it out now and claim it meanwhile,
-                # so the task starts one round trip sooner. Anything else the claim finds is kept
-                # for the next fetch.
+                # The message is ours (in our landing list): hand it out now, unclaimed. A task done
+                # within landed_claim_delay is committed straight from the landing list; else it
+                # is claimed then (anything else the claim finds is kept for the next fetch).
                 d = Delivery(landed, keys.queue)
-                task = asyncio.get_running_loop().create_task(self._claim_landed(lane, keys, d, max_count))
-                self._landing[d] = task
-                task.add_done_callback(functools.partial(self._landed, d))
+                self._landing.add(d, functools.partial(self._claim_landed, lane, keys, d, max_count),
+                                  self.landed_claim_delay)
                 return [d]
             except _TRANSIENT as exc:
                 left = deadline - time.monotonic()
@@ -308,22 +313,43 @@ class RedisBroker(Broker):
         if len(got) < count:
             self._drained[keys.queue] = time.monotonic() + next_lease
 
-    def _landed(self, d: Delivery, _: object) -> None:
-        self._landing.pop(d, None)
-
-    def settled(self, delivery: Delivery) -> bool:
-        return delivery not in self._landing
+    def hold(self, delivery: Delivery) -> bool:
+        return self._landing.hold(delivery)
 
     async def settle(self, deliveries: Sequence[Delivery]) -> None:
-        tasks = [t for d in deliveries if (t := self._landing.get(d)) is not None]
-        if tasks:
-            await asyncio.gather(*(asyncio.shield(t) for t in tasks))
+        await self._landing.settle(deliveries)
+
+    def landed_groups(
+        self, paired: Sequence[tuple[T, Delivery]]
+    ) -> list[tuple[list[str], list[Any], list[tuple[T, Delivery]]]]:
+        """The held landed deliveries of `paired` by queue, for the result backend's landed commit:
+        keys (landing list, consumers, queue), arguments (consumer id, lease ms) and the items."""
+        groups: dict[str, list[tuple[T, Delivery]]] = {}
+        for item, d in paired:
+            if d.receipt is None and self._landing.held(d):
+                groups.setdefault(d.queue, []).append((item, d))
+        out = []
+        for queue, items in groups.items():
+            keys = self._queue_keys(queue)
+            out.append(([keys.landing, keys.consumers, queue], [self.consumer_id, self._lease_ms()], items))
+        return out
+
+    def landed_committed(self, deliveries: Sequence[Delivery], queue_length: int) -> None:
+        """A landed commit ran; with its queue found empty, the next fetch blocks at once."""
+        if deliveries and queue_length == 0:
+            queue = deliveries[0].queue
+            self._drained[queue] = self._lapse_at.get(queue, time.monotonic())
+        self._landing.committed(deliveries)
+
+    def landed_failed(self, deliveries: Sequence[Delivery]) -> None:
+        self._landing.failed(deliveries)
 
     async def _claim(self, lane: Lane, keys: _Keys, count: int) -> tuple[list[Delivery], float]:
         """One round trip: reap lapsed leases, claim up to `count`; also seconds to the next lapse."""
         ids, bodies, counts, next_ms = await lane.script(
             lua.CLAIM, keys.claim, [self.consumer_id, self._lease_ms(), count, keys.landing_prefix, self.reap_limit])
         next_lease = next_ms / 1000.0 if next_ms >= 0 else float("inf")
+        self._lapse_at[keys.queue] = time.monotonic() + min(next_lease, 86400.0)
         if not counts:
             return [Delivery(b, keys.queue, i) for i, b in zip(ids, bodies, strict=True)], next_lease
         return [
@@ -488,6 +514,7 @@ class RedisBroker(Broker):
 
     async def close(self) -> None:
         """Release the current loop's connections (claims stay until acked or their leases lapse)."""
+        self._landing.close()
         lane = self._lanes.pop_current()
         if lane is not None:
             await lane.close()
