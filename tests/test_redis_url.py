@@ -132,12 +132,14 @@ def test_connections_pack_commands_byte_for_byte_as_redis_py() -> None:
     from machinery._redis import _timer_bounded
 
     ours, theirs = _timer_bounded(aioredis.Connection)(), aioredis.Connection()
-    assert ours._packer is not None  # hiredis is a dependency: the C packer is what runs
+    assert ours._packer is not None and ours._pack is not None  # hiredis is a dependency: its C packer runs
     big = b"x" * 100_000  # past redis-py's chunking cutoff
     commands = [
         ("BLMOVE", "q", "{q}:landing", "LEFT", "RIGHT", 0.499),
         ("EVALSHA", "ab" * 20, 2, "k1", "k2", 1795849668912605743, -3, 1e-05),
         ("SCRIPT LOAD", "return 1"),
+        (b"CLIENT SETNAME", "n"),
+        (b"GET", b"k"),
         ("RPUSH", "q", "é", big, memoryview(b"view"), bytearray(b"array")),
     ]
     for cmd in commands:

@@ -133,6 +133,29 @@ def test_concurrency_limit(concurrency: int, expected_max: int) -> None:
     server.close()
 
 
+def test_a_task_waiting_for_a_slot_is_received_then_started() -> None:
+    """RECEIVED is stored while a fetched task waits for a slot; one that gets a slot at once
+    goes straight to STARTED (its RECEIVED would be replaced before any write)."""
+    server = memory_server()
+    release = threading.Event()
+
+    @server.task
+    def hold(name: str) -> str:
+        release.wait(10)
+        return name
+
+    with running_worker(server, concurrency=1):
+        first = server.send_task(Signature("hold", ["a"]))
+        second = server.send_task(Signature("hold", ["b"]))
+        deadline = time.monotonic() + 10
+        while (first.get_state().state, second.get_state().state) != ("STARTED", "RECEIVED"):
+            assert time.monotonic() < deadline, (first.get_state().state, second.get_state().state)
+            time.sleep(0.01)
+        release.set()
+        assert (first.get(timeout=10), second.get(timeout=10)) == ("a", "b")
+    server.close()
+
+
 def test_concurrency_zero_is_unlimited_for_async_tasks() -> None:
     server = memory_server()
     running = {"now": 0, "max": 0}

@@ -323,7 +323,6 @@ class Worker:
     async def _run(self, d: Delivery, sig: Signature, spec: TaskSpec) -> None:
         committer = self._committer
         assert committer is not None
-        committer.put_state(TaskState(sig.uuid, RECEIVED, task_name=sig.name))
         try:
             args = spec.check_args(sig.python_args())
         except ArgTypeError as exc:
@@ -331,6 +330,8 @@ class Worker:
             return
         slots = self._slots
         assert slots is not None
+        if slots.locked():  # RECEIVED while it waits for a slot (else STARTED replaces it unwritten)
+            committer.put_state(TaskState(sig.uuid, RECEIVED, task_name=sig.name))
         await slots.acquire()
         try:
             try:
