@@ -82,9 +82,12 @@ end
 """
 
 # store(first, last, base) writes KEYS[first..last] from ARGV[base + i]: a flag digit (1 merge
-# TaskName, 2 merge CreatedAt, 4 publish) and the JSON; when merging, the JSON in five NUL-separated
-# parts (head, name token, middle, created token, tail). One argument per state keeps packing cheap.
+# TaskName, 2 merge CreatedAt, 4 publish) and the JSON; merging CreatedAt only (a worker's state),
+# the JSON cut in two at the CreatedAt value, which is Go's zero time unless one is stored; merging
+# TaskName, in five NUL-separated parts (head, name token, middle, created token, tail). One
+# argument per state keeps packing cheap.
 _STORE_FN = _RAW_STRING + """
+local ZERO = '""" + _ZERO_TOKEN.decode() + """'
 local function store(ex, prefix, first, last, base)
   for i = first, last do
     local key, arg = KEYS[i], ARGV[base + i]
@@ -92,6 +95,11 @@ local function store(ex, prefix, first, last, base)
     local json
     if flags % 4 == 0 then
       json = string.sub(arg, 2)
+    elseif flags % 2 == 0 then
+      local q = string.find(arg, '\\0', 2, true)
+      local old = redis.call('GET', key)
+      local created = old and raw_string(old, '"CreatedAt":') or ZERO
+      json = string.sub(arg, 2, q - 1) .. created .. string.sub(arg, q + 1)
     else
       local cut, p = {}, 2
       for k = 1, 4 do
@@ -527,6 +535,9 @@ def _state_arg(s: TaskState) -> bytes:
     raw = encode_state(s)
     if not (merge_name or merge_created):
         return _FLAG[flags] + raw
+    if not merge_name:  # the usual worker state: cut at CreatedAt's (zero time) value
+        j = raw.rindex(_CREATED_KEY) + len(_CREATED_KEY)
+        return _FLAG[flags | 2] + raw[:j] + b"\0" + raw[j + len(_ZERO_TOKEN):]
     # the keys occur once: inside JSON strings a quote is always escaped
     i = raw.index(_NAME_KEY) + len(_NAME_KEY) if merge_name else 0
     j = raw.rindex(_CREATED_KEY) + len(_CREATED_KEY) if merge_created else len(raw)

@@ -5,8 +5,9 @@ in the zset `delayed_tasks` (score = ETA in Unix ns, member = the JSON). Go pops
 loses whatever a dying worker held; here a message leaves its list only into the queue's in-flight
 hash, with a lease deadline per message (atomically, by one Lua script per fetch), or into the
 consumer's own landing list by a blocked fetch's BLMOVE, where it runs unclaimed for a moment
-(_redis_landing.py). ack() removes it once its final state is stored; renew() extends the leases of long tasks; a lease that lapses puts
-the message back at the head of its queue at the next fetch by any consumer of that queue.
+(_redis_landing.py). ack() removes it once its final state is stored; renew() extends the leases
+of long tasks; a lease that lapses puts the message back at the head of its queue at the next fetch
+by any consumer of that queue.
 See _redis_lua.py for the key layout.
 
 Needs Redis >= 6.2 (LMOVE, BLMOVE, LPOP with a count).
