@@ -172,6 +172,28 @@ def test_one_thread_reuses_its_wait_connections(server: Server, raw: redis.Redis
     assert len(raw.client_list()) - before <= 5
 
 
+def test_a_wait_unsubscribes_the_previous_waits_channel_and_skips_its_messages(
+    server: Server, raw: redis.Redis
+) -> None:
+    """A finished wait stays subscribed until the thread's next wait, which unsubscribes in the
+    write of its own SUBSCRIBE; a message published meanwhile on the old channel is skipped."""
+    backend = server.get_backend()
+    first = server.send_task(Signature("add", args=[1, 0], uuid="task_first"))
+    server.portal.run(backend.set_state(TaskState("task_first", SUCCESS, results=[TaskResult("int64", 1)])))
+    assert first.get(timeout=5) == 1
+    old, new = b"machinery:done:task_first", b"machinery:done:task_second"
+    assert dict(raw.pubsub_numsub(old)) == {old: 1}  # left subscribed: no write after the result
+    # the first task's state is stored (and published) again while nobody waits for it
+    server.portal.run(backend.set_state(TaskState("task_first", SUCCESS, results=[TaskResult("int64", 99)])))
+    second = server.send_task(Signature("add", args=[2, 0], uuid="task_second"))
+    store = threading.Timer(0.1, lambda: server.portal.run(
+        backend.set_state(TaskState("task_second", SUCCESS, results=[TaskResult("int64", 2)]))))
+    store.start()
+    assert second.get(timeout=5) == 2
+    store.join()
+    assert dict(raw.pubsub_numsub(old, new)) == {old: 0, new: 1}
+
+
 def test_a_wait_on_a_dead_server_keeps_its_deadline(tmp_path: Path) -> None:
     redis_server = PrivateRedis(tmp_path / "r").start()
     srv = Server(Config(broker=redis_server.url, result_backend=redis_server.url))

@@ -40,9 +40,13 @@ class _Late(Exception):
 
 class _Subscriber:
     """A thread's own two connections for waits: one subscribed, one for GETs. They do not retry
-    on their own (the wait retries within its deadline), so a dead server cannot stretch a wait."""
+    on their own (the wait retries within its deadline), so a dead server cannot stretch a wait.
 
-    __slots__ = ("conn", "pid", "pubsub")
+    A finished wait stays subscribed to its channel: the next wait unsubscribes from it in the
+    same write as its own SUBSCRIBE, one write per wait instead of two. Messages of that old
+    channel (a task whose state is stored again) are read and skipped by the next wait."""
+
+    __slots__ = ("conn", "pid", "stale", "sub")
 
     def __init__(self, shared: Client) -> None:
         import redis
@@ -50,11 +54,32 @@ class _Subscriber:
         from redis.retry import Retry
 
         base = shared.connection_pool
-        pool = redis.ConnectionPool(connection_class=base.connection_class, max_connections=2,
-                                    **{**base.connection_kwargs, "retry": Retry(NoBackoff(), 0)})
+        # RESP2: pub/sub replies are plain arrays here (RESP3 pushes go through redis-py's push
+        # handlers, which differ between its versions; so do its RESP3-only maintenance hooks)
+        kwargs = {k: v for k, v in base.connection_kwargs.items() if not k.startswith("maint_notifications")}
+        kwargs.update(retry=Retry(NoBackoff(), 0), protocol=2)
+        pool = redis.ConnectionPool(connection_class=base.connection_class, max_connections=2, **kwargs)
         self.pid = os.getpid()
-        self.pubsub: Any = redis.Redis(connection_pool=pool).pubsub()  # type: ignore[no-untyped-call]
+        self.sub: Any = pool.get_connection()
         self.conn: Any = pool.get_connection()
+        self.stale: bytes | None = None  # the channel the last wait left subscribed
+
+    def subscribe(self, channel: bytes) -> None:
+        conn = self.sub
+        packed = conn.pack_command("UNSUBSCRIBE", self.stale) if self.stale is not None else []
+        conn.send_packed_command([*packed, *conn.pack_command("SUBSCRIBE", channel)])
+        self.stale = channel
+
+    def message(self, timeout: float) -> tuple[bytes, bytes, Any] | None:
+        """The next pub/sub reply (kind, channel, data) within `timeout` seconds, or None."""
+        conn = self.sub
+        if not conn.can_read(timeout=timeout):
+            return None
+        reply = conn.read_response()
+        if not isinstance(reply, list) or len(reply) != 3:
+            return None
+        kind, channel, data = reply
+        return kind, channel, data
 
     def read(self, key: str, budget: float | None) -> TaskState | None:
         """GET `key`, giving up (_Late) when no reply comes within `budget` seconds."""
@@ -68,7 +93,7 @@ class _Subscriber:
 
     def close(self) -> None:
         try:
-            self.pubsub.reset()
+            self.sub.disconnect()
         finally:
             self.conn.disconnect()
 
@@ -131,15 +156,10 @@ class BlockingRedis:
             except BaseException:
                 self._drop(sub)  # interrupted mid-read: the connections' state is unknown
                 raise
-            try:
-                sub.pubsub.unsubscribe(channel)  # its reply is skipped by this thread's next wait
-            except Exception:
-                self._drop(sub)
-            return state
+            return state  # still subscribed: the next wait unsubscribes in its own SUBSCRIBE's write
 
     def _wait(self, sub: _Subscriber, channel: bytes, task_uuid: str, deadline: float | None) -> TaskState | None:
-        pubsub = sub.pubsub
-        pubsub.subscribe(channel)
+        sub.subscribe(channel)
         confirmed = False
         recheck = RECHECK_FIRST
         next_read = time.monotonic() + recheck
@@ -157,14 +177,15 @@ class BlockingRedis:
             step = next_read - now
             if deadline is not None:
                 step = min(step, deadline - now)
-            msg = pubsub.get_message(timeout=max(step, 0.0))
-            if not msg or msg["channel"] != channel:
-                continue
-            if msg["type"] == "message":
-                published = decode_state(msg["data"])
+            msg = sub.message(max(step, 0.0))
+            if msg is None or msg[1] != channel:
+                continue  # nothing yet, or the previous wait's channel
+            kind, _, data = msg
+            if kind == b"message":
+                published = decode_state(data)
                 if published.is_completed():
                     return published
-            elif msg["type"] == "subscribe":
+            elif kind == b"subscribe":
                 # Subscribed, or subscribed again after a reconnect: read what is stored now.
                 confirmed = True
                 stored = self._read(sub, task_uuid, deadline)
