@@ -167,6 +167,26 @@ async def test_landed_task_done_quickly_is_committed_from_the_landing_list_witho
     await backend.close()
 
 
+async def test_a_landed_message_acked_after_its_state_leaves_the_landing_list_without_a_claim(
+    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    """A task with follow-ups stores its state, sends them, then acks: that ack goes straight to
+    the landing list too, and does not wait for company (the next fetch waits on it)."""
+    backend = RedisBackend(cnf)
+    commit = backend.joint_commit(broker)
+    assert commit is not None
+    d = await landed(broker, raw, 15)
+    assert broker.unclaimed(d)
+    done = TaskState("task_0015", SUCCESS, task_name="add", created_at=datetime.now(UTC))
+    assert await commit([done], [], []) == (None, None)  # the state alone: the message stays
+    assert await raw.lrange(landing_key(broker), 0, -1) == [body(15)]
+    assert await commit([], [d], []) == (None, None)
+    assert await raw.llen(landing_key(broker)) == 0 and not broker.unclaimed(d)
+    await asyncio.sleep(broker.landed_claim_delay * 4)
+    assert await raw.hlen(INFLIGHT) == 0 and not await raw.exists(f"{{{QUEUE}}}:machinery:seq")  # never claimed
+    await backend.close()
+
+
 async def test_landed_task_still_running_after_the_delay_is_claimed(
     cnf: Config, broker: RedisBroker, raw: aioredis.Redis
 ) -> None:

@@ -73,7 +73,8 @@ class Committer:
         delay = 0.05
         while True:
             await self._wake.wait()
-            if self._joint is not None and self._acks and not self._states and not self._draining:
+            if (self._joint is not None and self._acks and not self._states and not self._draining
+                    and not any(self._broker.unclaimed(d) for d in self._acks)):
                 self._state_queued.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.ack_linger):

@@ -368,6 +368,7 @@ class Worker:
         if not sig.on_success and not (sig.group_uuid and sig.chord_callback is not None):
             await self._committer.store(state, ack=d)  # nothing follows: the ack goes with the state
             return
+        self.server.get_broker().claim_soon(d)  # its ack waits for the follow-ups: claim it meanwhile
         await self._committer.store(state)
         if sig.on_success:
             follow = list(sig.on_success)

@@ -285,6 +285,9 @@ class RedisBackend(Backend):
         async def commit(states: Sequence[TaskState], acks: Sequence[Delivery],
                          paired: Sequence[tuple[TaskState, Delivery]] = ()) -> tuple[Exception | None,
                                                                                      Exception | None]:
+            taken = broker.take_landed(acks)  # acked from the landing list, no claim first
+            if taken:
+                acks = [d for d in acks if not any(d is t for t in taken)]
             if acks or paired:
                 await broker.settle([*acks, *(d for _, d in paired)])
             groups = broker.landed_groups(paired)
@@ -304,8 +307,11 @@ class RedisBackend(Backend):
                 landed.append((len(batch), [d for _, d in items]))
                 batch.script(COMMIT_LANDED, [*(s.task_uuid for s, _ in items), *keys],
                              [*head, *(_state_arg(s) for s, _ in items), *args, *(d.body for _, d in items)])
-            n = len(batch)
+            n = len(batch)  # the state writes (results[n:] are acks only)
             broker.ack_ops(batch, acks)
+            for keys, args, no_states in broker.landed_groups([(None, d) for d in taken]):
+                landed.append((len(batch), [d for _, d in no_states]))  # no state: just out of the landing list
+                batch.script(COMMIT_LANDED, keys, [*head, *args, *(d.body for _, d in no_states)])
             try:
                 client = await self._client()
                 lane = self._lanes.get(lambda: Lane(client, self.target))  # the committer's own connection
@@ -314,7 +320,7 @@ class RedisBackend(Backend):
                 for _, ds in landed:
                     broker.landed_failed(ds)
                 return ((BackendError(f"redis backend: {exc}") if states or paired else None),
-                        exc if acks else None)
+                        exc if acks or taken else None)
             for i, ds in landed:
                 if isinstance(results[i], Exception):
                     broker.landed_failed(ds)

@@ -52,10 +52,11 @@ class Landings:
         """Track `d`; `start()` claims it (and whatever else its landing list holds), which
         begins after `delay` seconds unless a landed commit or settle() comes first."""
         loop = asyncio.get_running_loop()
-        timer = loop.call_later(delay, self._claim, d)
+        timer = loop.call_later(delay, self.claim, d)
         self._entries[d] = _Landed(start, loop.create_future(), timer)
 
-    def _claim(self, d: Delivery) -> None:
+    def claim(self, d: Delivery) -> None:
+        """Start the claim of `d` now (unless held or started)."""
         e = self._entries.get(d)
         if e is None or e.held or e.claim is not None:
             return
@@ -98,7 +99,7 @@ class Landings:
             e = self._entries.get(d)
             if e is not None:
                 e.held = False
-                self._claim(d)
+                self.claim(d)
 
     async def settle(self, deliveries: Sequence[Delivery]) -> None:
         """Claim these now (unless held) and wait for their claims."""
@@ -107,7 +108,7 @@ class Landings:
             e = self._entries.get(d)
             if e is None or e.held:
                 continue
-            self._claim(d)
+            self.claim(d)
             if e.claim is not None:
                 tasks.append(e.claim)
         if tasks:

@@ -123,6 +123,15 @@ class Broker(PortalUser, ABC):
         round trip sooner; ack(), requeue(), renew() and dead_letter() settle by themselves.
         """
 
+    def claim_soon(self, delivery: Delivery) -> None:
+        """Start the claim of a delivery handed out before it, without waiting: for a task whose
+        ack must wait for more than its state (follow-up sends), claimed meanwhile."""
+
+    def unclaimed(self, delivery: Delivery) -> bool:
+        """Whether the delivery was handed out before any claim and still has none (its ack then
+        holds up the next fetch, so it should not wait for company)."""
+        return False
+
     def hold(self, delivery: Delivery) -> bool:
         """Whether the delivery can be acked in a result backend's joint commit now, without
         waiting for its claim; a driver may reserve it for that commit (see the Redis broker)."""

@@ -314,8 +314,18 @@ class RedisBroker(Broker):
         if len(got) < count:
             self._drained[keys.queue] = time.monotonic() + next_lease
 
+    def unclaimed(self, delivery: Delivery) -> bool:
+        return delivery in self._landing
+
+    def claim_soon(self, delivery: Delivery) -> None:
+        self._landing.claim(delivery)
+
     def hold(self, delivery: Delivery) -> bool:
         return self._landing.hold(delivery)
+
+    def take_landed(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        """Hold the landed, unclaimed deliveries among these for a landed commit; return them."""
+        return [d for d in deliveries if d in self._landing and self._landing.hold(d) and d.receipt is None]
 
     async def settle(self, deliveries: Sequence[Delivery]) -> None:
         await self._landing.settle(deliveries)
