@@ -15,7 +15,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from machinery import Config, Server, Signature
+from machinery import Chain, Config, Server, Signature
 from machinery.backends.base import JointCommit
 from machinery.backends.redis import COMMIT, COMMIT_LANDED, SEND_ONE, SET_PENDING, SET_STATES, RedisBackend
 from machinery.brokers import _redis_lua as lua
@@ -151,7 +151,7 @@ async def test_landed_task_done_quickly_is_committed_from_the_landing_list_witho
     assert broker.hold(d)  # reserved for the landed commit: no claim starts now
     calls = await counted(backend)
     done = TaskState("task_0011", SUCCESS, task_name="add", created_at=datetime.now(UTC))
-    assert await commit([], [], [(done, d)]) == (None, None)
+    assert await commit([], [], [(done, d)]) == (None, None, [])
     assert calls == ["EVALSHA"]  # the state and the message's removal: one script
     stored = await backend.get_state("task_0011")
     assert stored is not None and stored.state == SUCCESS
@@ -178,9 +178,9 @@ async def test_a_landed_message_acked_after_its_state_leaves_the_landing_list_wi
     d = await landed(broker, raw, 15)
     assert broker.unclaimed(d)
     done = TaskState("task_0015", SUCCESS, task_name="add", created_at=datetime.now(UTC))
-    assert await commit([done], [], []) == (None, None)  # the state alone: the message stays
+    assert await commit([done], [], []) == (None, None, [])  # the state alone: the message stays
     assert await raw.lrange(landing_key(broker), 0, -1) == [body(15)]
-    assert await commit([], [d], []) == (None, None)
+    assert await commit([], [d], []) == (None, None, [])
     assert await raw.llen(landing_key(broker)) == 0 and not broker.unclaimed(d)
     await asyncio.sleep(broker.landed_claim_delay * 4)
     assert await raw.hlen(INFLIGHT) == 0 and not await raw.exists(f"{{{QUEUE}}}:machinery:seq")  # never claimed
@@ -200,7 +200,7 @@ async def test_landed_task_still_running_after_the_delay_is_claimed(
     assert await raw.llen(landing_key(broker)) == 0
     assert broker.hold(d)  # claimed: acked by its receipt
     done = TaskState("task_0012", SUCCESS, task_name="add", created_at=datetime.now(UTC))
-    assert await commit([], [], [(done, d)]) == (None, None)
+    assert await commit([], [], [(done, d)]) == (None, None, [])
     assert await raw.hlen(INFLIGHT) == 0
     await backend.close()
 
@@ -214,12 +214,12 @@ async def test_a_landed_commit_that_fails_claims_the_message_and_keeps_it(
     d = await landed(broker, raw, 13)
     assert broker.hold(d)
     await raw.hset("task_0013", "x", "1")  # the state write fails: WRONGTYPE
-    stored_err, acked_err = await commit([], [], [(TaskState("task_0013", SUCCESS), d)])
+    stored_err, acked_err, _ = await commit([], [], [(TaskState("task_0013", SUCCESS), d)])
     assert isinstance(stored_err, BackendError) and "WRONGTYPE" in str(stored_err) and acked_err is None
     await broker.settle([d])  # the failure started its claim
     assert d.receipt is not None and await raw.hvals(INFLIGHT) == [body(13)]  # kept, under a lease
     await raw.delete("task_0013")
-    assert await commit([], [], [(TaskState("task_0013", SUCCESS), d)]) == (None, None)
+    assert await commit([], [], [(TaskState("task_0013", SUCCESS), d)]) == (None, None, [])
     assert await raw.hlen(INFLIGHT) == 0 and await raw.llen(landing_key(broker)) == 0
     stored = await backend.get_state("task_0013")
     assert stored is not None and stored.state == SUCCESS
@@ -238,7 +238,7 @@ async def test_landed_commit_of_a_reaped_consumer_still_stores_the_state(
     d = await landed(broker, raw, 14)
     assert broker.hold(d)
     await raw.lmove(landing_key(broker), QUEUE, "RIGHT", "LEFT")  # what the reaper does
-    assert await commit([], [], [(TaskState("task_0014", SUCCESS), d)]) == (None, None)
+    assert await commit([], [], [(TaskState("task_0014", SUCCESS), d)]) == (None, None, [])
     assert await raw.lrange(QUEUE, 0, -1) == [body(14)]
     stored = await backend.get_state("task_0014")
     assert stored is not None and stored.state == SUCCESS
@@ -331,18 +331,18 @@ async def test_joint_commit_is_one_round_trip_and_reports_each_part(
     cnf: Config, broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
     backend, commit, got, calls, done = await joint_commit_with_two_claimed(cnf, broker, raw)
-    assert await commit([done], got[:1], []) == (None, None)
+    assert await commit([done], got[:1], []) == (None, None, [])
     assert calls == ["PIPELINE"]
     assert await raw.hlen(INFLIGHT) == 1
     stored = await backend.get_state("task_0007")
     assert stored is not None and stored.state == SUCCESS
     # A state that cannot be stored (a merge reading a key of the wrong type) fails its part only.
     await raw.hset("task_0008", "x", "1")
-    stored_err, acked_err = await commit([TaskState("task_0008", RECEIVED)], got[1:], [])
+    stored_err, acked_err, _ = await commit([TaskState("task_0008", RECEIVED)], got[1:], [])
     assert isinstance(stored_err, BackendError) and "WRONGTYPE" in str(stored_err)
     assert acked_err is None and await raw.hlen(INFLIGHT) == 0
     # one state and nothing to ack: a single command, its error still reported, not raised
-    stored_err, acked_err = await commit([TaskState("task_0008", RECEIVED)], [], [])
+    stored_err, acked_err, _ = await commit([TaskState("task_0008", RECEIVED)], [], [])
     assert isinstance(stored_err, BackendError) and acked_err is None
     await backend.close()
 
@@ -352,21 +352,80 @@ async def test_joint_commit_pairs_a_state_with_its_ack_atomically(
 ) -> None:
     backend, commit, got, calls, done = await joint_commit_with_two_claimed(cnf, broker, raw)
     # one state and its ack: a single script call, no pipeline
-    assert await commit([], [], [(done, got[0])]) == (None, None)
+    assert await commit([], [], [(done, got[0])]) == (None, None, [])
     assert calls == ["EVALSHA"]
     stored = await backend.get_state("task_0007")
     assert stored is not None and stored.state == SUCCESS
     assert await raw.hlen(INFLIGHT) == 1
     # A pair whose state cannot be stored keeps its message claimed: no ack without its state.
     await raw.hset("task_0008", "x", "1")
-    stored_err, acked_err = await commit([], [], [(TaskState("task_0008", SUCCESS), got[1])])
+    stored_err, acked_err, _ = await commit([], [], [(TaskState("task_0008", SUCCESS), got[1])])
     assert isinstance(stored_err, BackendError) and "WRONGTYPE" in str(stored_err)
     assert acked_err is None
     assert await raw.hlen(INFLIGHT) == 1
     await raw.delete("task_0008")
-    assert await commit([], [], [(TaskState("task_0008", SUCCESS), got[1])]) == (None, None)
+    assert await commit([], [], [(TaskState("task_0008", SUCCESS), got[1])]) == (None, None, [])
     assert await raw.hlen(INFLIGHT) == 0
     await backend.close()
+
+
+async def test_joint_commit_sends_follow_ups_after_their_state_in_the_same_round_trip(
+    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    backend, commit, _, calls, done = await joint_commit_with_two_claimed(cnf, broker, raw)
+    server = Server(cnf)
+    nxt = Signature("add", [7, 1], uuid="task_next", routing_key=QUEUE)
+    plan = server.plan_follow_ups([nxt])
+    assert plan is not None
+    for script in (SET_PENDING,):
+        await raw.script_load(script.src)
+    assert await commit([done], [], [], [plan]) == (None, None, [])
+    assert calls == ["PIPELINE"]  # the state, the follow-up's PENDING and its message: one round trip
+    assert (await backend.get_state("task_0007")).state == SUCCESS  # type: ignore[union-attr]
+    assert (await backend.get_state("task_next")).state == "PENDING"  # type: ignore[union-attr]
+    assert await raw.lrange(QUEUE, 0, -1) == [encode_signature(nxt)]
+    # a group among the follow-ups is recorded first: those go through dispatch instead
+    assert server.plan_follow_ups([Signature("add", [1, 1], group_uuid="group_1")]) is None
+    await server.aclose()
+    await backend.close()
+
+
+async def test_a_follow_up_that_went_out_is_not_sent_again_when_its_state_write_failed(
+    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    """The pipeline is not a transaction: a state that cannot be stored does not stop the send
+    after it. The committer writes the state again, but must not send the follow-up again."""
+    backend, commit, _, _, _ = await joint_commit_with_two_claimed(cnf, broker, raw)
+    server = Server(cnf)
+    plan = server.plan_follow_ups([Signature("add", [8, 1], uuid="task_after8", routing_key=QUEUE)])
+    assert plan is not None
+    await raw.hset("task_0008", "x", "1")  # its state write fails: WRONGTYPE
+    stored_err, acked_err, unsent = await commit([TaskState("task_0008", SUCCESS)], [], [], [plan])
+    assert isinstance(stored_err, BackendError) and acked_err is None
+    assert unsent == [] and await raw.llen(QUEUE) == 1
+    await server.aclose()
+    await backend.close()
+
+
+def test_a_chain_link_sends_the_next_with_its_state(cnf: Config, raw: aioredis.Redis) -> None:
+    """Each link's state write carries the next link: a chain still runs in order, every link's
+    state is stored, and nothing is left claimed or queued."""
+    server = Server(cnf)
+
+    @server.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    with running_worker(server, concurrency=2):
+        links = [Signature("add", [0, 1]), *(Signature("add", [1]) for _ in range(19))]
+        result = server.send_chain(Chain(*links))
+        assert result.get(timeout=20) == 20
+        states = [r.get_state() for r in result.async_results]
+    assert [s.state for s in states] == [SUCCESS] * 20  # type: ignore[union-attr]
+    probe = redis.Redis.from_url(REDIS_URL)
+    assert probe.hlen(INFLIGHT) == 0 and probe.llen(QUEUE) == 0
+    probe.close()
+    server.close()
 
 
 # --- the worker's prefetch bound -------------------------------------------------------------

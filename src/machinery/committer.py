@@ -18,9 +18,13 @@ from typing import TYPE_CHECKING
 from machinery.log import get_logger
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from machinery.backends.base import Backend
-    from machinery.brokers.base import Broker, Delivery
+    from machinery.brokers.base import Broker, Delivery, PublishItem
     from machinery.tasks.state import TaskState
+
+    Send = tuple[Sequence[TaskState], Sequence[PublishItem]]
 
 
 class Committer:
@@ -37,6 +41,7 @@ class Committer:
         self._futures: list[asyncio.Future[None]] = []
         self._acks: list[Delivery] = []
         self._paired: dict[str, Delivery] = {}  # task uuid -> ack due once that task's state is stored
+        self._sends: list[Send] = []  # follow-up tasks, sent after the states of this flush
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -44,6 +49,8 @@ class Committer:
         self._draining = False
         self._closed = False
         self._joint = backend.joint_commit(broker)
+        #: store() takes follow-up sends (one round trip with the state they follow)
+        self.carries_sends = self._joint is not None
 
     def put_state(self, state: TaskState) -> None:
         """Queue a state write; a later state of the same task replaces it if not yet written."""
@@ -53,13 +60,19 @@ class Committer:
         self._wake.set()
         self._state_queued.set()
 
-    async def store(self, state: TaskState, ack: Delivery | None = None) -> None:
+    async def store(self, state: TaskState, ack: Delivery | None = None, send: Send | None = None) -> None:
         """Queue a state and wait until it (or a later one) is stored; with `ack`, that delivery
-        is acked once the state is stored (for a task with nothing left to do; see the module doc)."""
+        is acked once the state is stored (for a task with nothing left to do; see the module doc);
+        with `send` (only where carries_sends), those follow-up tasks are sent right after it,
+        in the same round trip."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._futures.append(fut)
         if ack is not None:
             self._paired[state.task_uuid] = ack
+        if send is not None:
+            if not self.carries_sends:
+                raise RuntimeError("this committer cannot send follow-up tasks")
+            self._sends.append(send)
         self.put_state(state)
         await fut
 
@@ -82,6 +95,7 @@ class Committer:
             self._wake.clear()
             states, futures, acks, paired = self._states, self._futures, self._acks, self._paired
             self._states, self._futures, self._acks, self._paired = {}, [], [], {}
+            sends, self._sends = self._sends, []
             pairs: list[tuple[TaskState, Delivery]] = []
             deferred: list[Delivery] = []  # acked with the next flush, alongside its states
             for uuid, d in paired.items():
@@ -97,7 +111,8 @@ class Committer:
             # The acks queued here belong to tasks whose final states an earlier flush stored, so
             # both writes go out at once: one round trip per flush, not two.
             if self._joint is not None and (states or acks):
-                stored, acked = await self._joint(plain, acks, pairs)
+                stored, acked, unsent = await self._joint(plain, acks, pairs, sends)
+                sends = [sends[i] for i in unsent]  # those that went out are not sent again
             elif states and acks:
                 stored, acked = await asyncio.gather(self._store(states), self._ack(acks))
             else:
@@ -115,7 +130,8 @@ class Committer:
                         fut.set_result(None)
             if stored is not None or acked is not None:
                 self._requeue(states if stored is not None else {}, futures if stored is not None else [],
-                              acks if acked is not None else [], paired if stored is not None else {})
+                              acks if acked is not None else [], paired if stored is not None else {},
+                              sends if stored is not None else [])
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -140,9 +156,10 @@ class Committer:
         return None
 
     def _requeue(self, states: dict[str, TaskState], futures: list[asyncio.Future[None]],
-                 acks: list[Delivery], paired: dict[str, Delivery]) -> None:
+                 acks: list[Delivery], paired: dict[str, Delivery], sends: list[Send]) -> None:
         """Put a failed batch back in front of anything queued since (newer states win; a pair
-        stays a pair, so its ack still waits for its state)."""
+        stays a pair, so its ack still waits for its state; sends go again, after their states:
+        a send whose first attempt did land is sent twice, at least once as always)."""
         merged = dict(states)
         for uuid, st in self._states.items():
             merged.pop(uuid, None)
@@ -151,6 +168,7 @@ class Committer:
         self._futures = futures + self._futures
         self._acks = acks + self._acks
         self._paired = {**paired, **self._paired}
+        self._sends = sends + self._sends
         self._wake.set()
 
     async def drain(self) -> None:

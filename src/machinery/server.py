@@ -22,7 +22,7 @@ from machinery.tasks.workflow import Chain, Chord, Group, fresh_copy
 
 if TYPE_CHECKING:
     from machinery.backends.base import Backend
-    from machinery.brokers.base import Broker
+    from machinery.brokers.base import Broker, PublishItem
     from machinery.locks.base import Lock
     from machinery.periodic import PeriodicScheduler
     from machinery.worker import Worker
@@ -152,6 +152,15 @@ class Server:
             return
         states, items, groups = self._plan(sigs, init_groups)
         await self._publish(states, items, groups)
+
+    def plan_follow_ups(self, sigs: Sequence[Signature]) -> tuple[list[TaskState], list[PublishItem]] | None:
+        """What dispatch(sigs, init_groups=True) would store and publish, for a worker's committer
+        to send in the round trip of the state they follow; None when a group must be recorded
+        first (dispatch does that)."""
+        if any(sig.group_uuid for sig in sigs):
+            return None
+        states, items, _ = self._plan(sigs, False)
+        return states, items
 
     def _plan(self, sigs: Sequence[Signature], init_groups: bool) -> tuple[
             list[TaskState], list[tuple[Signature, bytes, int | None]], dict[str, list[str]]]:

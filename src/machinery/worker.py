@@ -369,13 +369,17 @@ class Worker:
             await self._committer.store(state, ack=d)  # nothing follows: the ack goes with the state
             return
         self.server.get_broker().claim_soon(d)  # its ack waits for the follow-ups: claim it meanwhile
-        await self._committer.store(state)
-        if sig.on_success:
-            follow = list(sig.on_success)
-            if not sig.immutable:
-                for cb in follow:
-                    cb.args.extend(Arg(r.type, r.value) for r in results)
-            await self.server.dispatch(follow, init_groups=True)
+        follow = list(sig.on_success or ())
+        if not sig.immutable:
+            for cb in follow:
+                cb.args.extend(Arg(r.type, r.value) for r in results)
+        plan = self.server.plan_follow_ups(follow) if follow and self._committer.carries_sends else None
+        if plan is not None:  # a chain's next link: sent right after this state, one round trip
+            await self._committer.store(state, send=plan)
+        else:
+            await self._committer.store(state)
+            if follow:
+                await self.server.dispatch(follow, init_groups=True)
         if sig.group_uuid and sig.chord_callback is not None:
             await self._chord_member_done(sig, "")
         self._committer.ack(d)

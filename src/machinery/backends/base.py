@@ -21,9 +21,12 @@ if TYPE_CHECKING:
 #: stores PENDING states and publishes messages together
 JointSend = Callable[[Sequence[TaskState], Sequence["PublishItem"]], Awaitable[None]]
 #: stores states and acks deliveries together, and each paired state with its delivery's ack
-#: atomically; returns the error of each part (None = done; a failed pair counts as a state error)
-JointCommit = Callable[[Sequence[TaskState], Sequence["Delivery"], Sequence[tuple[TaskState, "Delivery"]]],
-                       Awaitable[tuple[Exception | None, Exception | None]]]
+#: atomically, then sends follow-up tasks (their PENDING states and messages) after the states in
+#: the same round trip; returns the error of each part (None = done; a failed pair or send counts
+#: as a state error) and the indices of the sends that may not have gone out (to send again)
+JointCommit = Callable[[Sequence[TaskState], Sequence["Delivery"], Sequence[tuple[TaskState, "Delivery"]],
+                        Sequence[tuple[Sequence[TaskState], Sequence["PublishItem"]]]],
+                       Awaitable[tuple[Exception | None, Exception | None, list[int]]]]
 
 #: sends one task (its PENDING state and its message) in the caller's thread, blocking; False
 #: means this task cannot go this way (a delayed one, say) and takes the asyncio path

@@ -283,8 +283,9 @@ class RedisBackend(Backend):
             return None
 
         async def commit(states: Sequence[TaskState], acks: Sequence[Delivery],
-                         paired: Sequence[tuple[TaskState, Delivery]] = ()) -> tuple[Exception | None,
-                                                                                     Exception | None]:
+                         paired: Sequence[tuple[TaskState, Delivery]] = (),
+                         sends: Sequence[tuple[Sequence[TaskState], Sequence[PublishItem]]] = ()
+                         ) -> tuple[Exception | None, Exception | None, list[int]]:
             taken = broker.take_landed(acks)  # acked from the landing list, no claim first
             if taken:
                 acks = [d for d in acks if not any(d is t for t in taken)]
@@ -307,7 +308,13 @@ class RedisBackend(Backend):
                 landed.append((len(batch), [d for _, d in items]))
                 batch.script(COMMIT_LANDED, [*(s.task_uuid for s, _ in items), *keys],
                              [*head, *(_state_arg(s) for s, _ in items), *args, *(d.body for _, d in items)])
-            n = len(batch)  # the state writes (results[n:] are acks only)
+            spans = []  # each send's commands in the batch
+            for pending, messages in sends:  # follow-ups go out after the states they follow
+                start = len(batch)
+                self._pending_ops(batch, pending)
+                broker.publish_ops(batch, messages)
+                spans.append((start, len(batch)))
+            n = len(batch)  # the state writes and sends (results[n:] are acks only)
             broker.ack_ops(batch, acks)
             for keys, args, no_states in broker.landed_groups([(None, d) for d in taken]):
                 landed.append((len(batch), [d for _, d in no_states]))  # no state: just out of the landing list
@@ -319,8 +326,8 @@ class RedisBackend(Backend):
             except Exception as exc:
                 for _, ds in landed:
                     broker.landed_failed(ds)
-                return ((BackendError(f"redis backend: {exc}") if states or paired else None),
-                        exc if acks or taken else None)
+                return ((BackendError(f"redis backend: {exc}") if states or paired or sends else None),
+                        exc if acks or taken else None, list(range(len(sends))))
             for i, ds in landed:
                 if isinstance(results[i], Exception):
                     broker.landed_failed(ds)
@@ -328,8 +335,9 @@ class RedisBackend(Backend):
                     broker.landed_committed(ds, int(results[i]))
             failed_states = next((r for r in results[:n] if isinstance(r, Exception)), None)
             failed_acks = next((r for r in results[n:] if isinstance(r, Exception)), None)
+            unsent = [i for i, (a, b) in enumerate(spans) if any(isinstance(r, Exception) for r in results[a:b])]
             return (None if failed_states is None else BackendError(f"redis backend: {failed_states}"),
-                    failed_acks)
+                    failed_acks, unsent)
 
         return commit
 
