@@ -42,7 +42,10 @@ class TestPubSubSQLiteScenarios(ScenarioSuite):
         self.ns = names
 
     def make_config(self, tmp_path: Path) -> Config:
-        return make_cnf(self.ns, tmp_path)
+        # A Pull whose answer is lost (its deadline passed while the loaded emulator stalled) leaves
+        # its messages leased to nobody until the ack deadline: at 10 s they come back well within
+        # a scenario's 30 s wait (at 30 s, as the default, such a run timed out once in CI-like load)
+        return make_cnf(self.ns, tmp_path, lease_seconds=10)
 
 
 def test_custom_queue_worker_reads_its_own_subscription(names: str, tmp_path: Path) -> None:
