@@ -55,6 +55,16 @@ async def broker(cnf: Config) -> AsyncIterator[RedisBroker]:
     await b.close()
 
 
+@pytest.fixture
+async def joint(cnf: Config, broker: RedisBroker) -> AsyncIterator[tuple[RedisBackend, JointCommit]]:
+    """A Redis backend on the broker's server and its joint commit."""
+    backend = RedisBackend(cnf)
+    commit = backend.joint_commit(broker)
+    assert commit is not None
+    yield backend, commit
+    await backend.close()
+
+
 def body(i: int) -> bytes:
     return encode_signature(Signature("add", [i, i], uuid=f"task_{i:04d}", routing_key=QUEUE, headers={}))
 
@@ -138,11 +148,9 @@ def landing_key(broker: RedisBroker) -> str:
 
 
 async def test_landed_task_done_quickly_is_committed_from_the_landing_list_without_a_claim(
-    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+    joint: tuple[RedisBackend, JointCommit], broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
-    backend = RedisBackend(cnf)
-    commit = backend.joint_commit(broker)
-    assert commit is not None
+    backend, commit = joint
     await raw.script_load(COMMIT_LANDED.src)  # a fresh server loads it once: not counted here
     d = await landed(broker, raw, 11)
     consumers = f"{{{QUEUE}}}:machinery:consumers"
@@ -164,17 +172,14 @@ async def test_landed_task_done_quickly_is_committed_from_the_landing_list_witho
     fetch_calls = await counted(broker)
     assert await broker.fetch(QUEUE, 10, 0.05) == []
     assert fetch_calls[0] == "BLMOVE"
-    await backend.close()
 
 
 async def test_a_landed_message_acked_after_its_state_leaves_the_landing_list_without_a_claim(
-    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+    joint: tuple[RedisBackend, JointCommit], broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
     """A task with follow-ups stores its state, sends them, then acks: that ack goes straight to
     the landing list too, and does not wait for company (the next fetch waits on it)."""
-    backend = RedisBackend(cnf)
-    commit = backend.joint_commit(broker)
-    assert commit is not None
+    _, commit = joint
     d = await landed(broker, raw, 15)
     assert broker.unclaimed(d)
     done = TaskState("task_0015", SUCCESS, task_name="add", created_at=datetime.now(UTC))
@@ -184,15 +189,12 @@ async def test_a_landed_message_acked_after_its_state_leaves_the_landing_list_wi
     assert await raw.llen(landing_key(broker)) == 0 and not broker.unclaimed(d)
     await asyncio.sleep(broker.landed_claim_delay * 4)
     assert await raw.hlen(INFLIGHT) == 0 and not await raw.exists(f"{{{QUEUE}}}:machinery:seq")  # never claimed
-    await backend.close()
 
 
 async def test_landed_task_still_running_after_the_delay_is_claimed(
-    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+    joint: tuple[RedisBackend, JointCommit], broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
-    backend = RedisBackend(cnf)
-    commit = backend.joint_commit(broker)
-    assert commit is not None
+    _, commit = joint
     d = await landed(broker, raw, 12)
     await asyncio.sleep(broker.landed_claim_delay * 4)
     await broker.settle([d])  # the claim started by itself; this waits for it
@@ -202,15 +204,12 @@ async def test_landed_task_still_running_after_the_delay_is_claimed(
     done = TaskState("task_0012", SUCCESS, task_name="add", created_at=datetime.now(UTC))
     assert await commit([], [], [(done, d)]) == (None, None, [])
     assert await raw.hlen(INFLIGHT) == 0
-    await backend.close()
 
 
 async def test_a_landed_commit_that_fails_claims_the_message_and_keeps_it(
-    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+    joint: tuple[RedisBackend, JointCommit], broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
-    backend = RedisBackend(cnf)
-    commit = backend.joint_commit(broker)
-    assert commit is not None
+    backend, commit = joint
     d = await landed(broker, raw, 13)
     assert broker.hold(d)
     await raw.hset("task_0013", "x", "1")  # the state write fails: WRONGTYPE
@@ -223,18 +222,15 @@ async def test_a_landed_commit_that_fails_claims_the_message_and_keeps_it(
     assert await raw.hlen(INFLIGHT) == 0 and await raw.llen(landing_key(broker)) == 0
     stored = await backend.get_state("task_0013")
     assert stored is not None and stored.state == SUCCESS
-    await backend.close()
 
 
 async def test_landed_commit_of_a_reaped_consumer_still_stores_the_state(
-    cnf: Config, broker: RedisBroker, raw: aioredis.Redis
+    joint: tuple[RedisBackend, JointCommit], broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
     """A consumer stalled past its deadline: another consumer's reaper put its landing list back
     on the queue, so the message runs again there; the late commit stores its state and removes
     nothing."""
-    backend = RedisBackend(cnf)
-    commit = backend.joint_commit(broker)
-    assert commit is not None
+    backend, commit = joint
     d = await landed(broker, raw, 14)
     assert broker.hold(d)
     await raw.lmove(landing_key(broker), QUEUE, "RIGHT", "LEFT")  # what the reaper does
@@ -242,7 +238,6 @@ async def test_landed_commit_of_a_reaped_consumer_still_stores_the_state(
     assert await raw.lrange(QUEUE, 0, -1) == [body(14)]
     stored = await backend.get_state("task_0014")
     assert stored is not None and stored.state == SUCCESS
-    await backend.close()
 
 
 def test_worker_round_trips_on_an_idle_queue_need_no_claim(cnf: Config, raw: aioredis.Redis) -> None:

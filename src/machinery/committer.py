@@ -158,8 +158,8 @@ class Committer:
     def _requeue(self, states: dict[str, TaskState], futures: list[asyncio.Future[None]],
                  acks: list[Delivery], paired: dict[str, Delivery], sends: list[Send]) -> None:
         """Put a failed batch back in front of anything queued since (newer states win; a pair
-        stays a pair, so its ack still waits for its state; sends go again, after their states:
-        a send whose first attempt did land is sent twice, at least once as always)."""
+        stays a pair, so its ack still waits for its state; sends that may not have gone out go
+        again, after their states: after a lost connection one may go twice, at least once)."""
         merged = dict(states)
         for uuid, st in self._states.items():
             merged.pop(uuid, None)
