@@ -368,7 +368,6 @@ class Worker:
         if not sig.on_success and not (sig.group_uuid and sig.chord_callback is not None):
             await self._committer.store(state, ack=d)  # nothing follows: the ack goes with the state
             return
-        self.server.get_broker().claim_soon(d)  # its ack waits for the follow-ups: claim it meanwhile
         follow = list(sig.on_success or ())
         if not sig.immutable:
             for cb in follow:
@@ -377,6 +376,7 @@ class Worker:
         if plan is not None:  # a chain's next link: sent right after this state, one round trip
             await self._committer.store(state, send=plan)
         else:
+            self.server.get_broker().claim_soon(d)  # its ack waits for more round trips: claim it meanwhile
             await self._committer.store(state)
             if follow:
                 await self.server.dispatch(follow, init_groups=True)
