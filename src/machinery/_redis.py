@@ -13,7 +13,7 @@ import os
 import ssl
 import threading
 import weakref
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import unquote
@@ -516,30 +516,32 @@ class Lane:
             self._conn = pool.connection_class(**pool.connection_kwargs)
         self._busy = False
 
-    async def call(self, *args: Any) -> Any:
+    @property
+    def free(self) -> bool:
+        """Whether calls can go on our own connection now."""
+        return self._conn is not None and not self._busy
+
+    async def _exclusive(self, run: Callable[[Any], Awaitable[Any]]) -> Any:
+        """`run(connection)` on our own connection (check `free` first), retried as the client retries."""
         conn = self._conn
-        if conn is None or self._busy:
-            return await self.client.execute_command(*args)
         self._busy = True
         try:
-            return await conn.retry.call_with_retry(lambda: _lane_round_trip(conn, args),
-                                                    lambda _error: conn.disconnect())
+            return await conn.retry.call_with_retry(lambda: run(conn), lambda _error: conn.disconnect())
         finally:
             self._busy = False
+
+    async def call(self, *args: Any) -> Any:
+        if not self.free:
+            return await self.client.execute_command(*args)
+        return await self._exclusive(lambda conn: _lane_round_trip(conn, args))
 
     async def pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any] | None:
         """The commands in one write, their replies in order (an error reply in place of its
         result); None while busy or without a connection of our own: use the client's pipeline."""
-        conn = self._conn
-        if conn is None or self._busy:
+        if not self.free:
             return None
-        self._busy = True
-        try:
-            result: list[Any] = await conn.retry.call_with_retry(lambda: _lane_pipeline(conn, commands),
-                                                                 lambda _error: conn.disconnect())
-            return result
-        finally:
-            self._busy = False
+        result: list[Any] = await self._exclusive(lambda conn: _lane_pipeline(conn, commands))
+        return result
 
     async def script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         from redis.exceptions import NoScriptError

@@ -288,7 +288,8 @@ class RedisBackend(Backend):
                          ) -> tuple[Exception | None, Exception | None, list[int]]:
             taken = broker.take_landed(acks)  # acked from the landing list, no claim first
             if taken:
-                acks = [d for d in acks if not any(d is t for t in taken)]
+                out = {id(d) for d in taken}
+                acks = [d for d in acks if id(d) not in out]
             if acks or paired:
                 await broker.settle([*acks, *(d for _, d in paired)])
             groups = broker.landed_groups(paired)
