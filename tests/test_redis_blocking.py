@@ -296,3 +296,81 @@ def test_a_blocking_wait_on_the_portals_own_thread_is_refused(server: Server, ra
 
     with pytest.raises(RuntimeError, match="own event-loop thread"):
         server.portal.run(inside())
+
+
+def _count_wait_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the GETs and SUBSCRIBE writes the thread's wait connections make."""
+    from machinery.backends import _redis_blocking
+
+    calls = {"read": 0, "subscribe": 0}
+    sub_cls = _redis_blocking._Subscriber
+    for name in calls:
+        original = getattr(sub_cls, name)
+
+        def counted(self: object, *args: object, _name: str = name, _original: object = original) -> object:
+            calls[_name] += 1
+            return _original(self, *args)  # type: ignore[operator]
+
+        monkeypatch.setattr(sub_cls, name, counted)
+    return calls
+
+
+def _store(server: Server, task_uuid: str, value: int) -> None:
+    """Store SUCCESS (and publish it) from another client, as a worker does."""
+    state = TaskState(task_uuid, SUCCESS, results=[TaskResult("int64", value)])
+    server.portal.run(server.get_backend().set_state(state))
+
+
+def test_send_and_wait_subscribes_with_the_send_and_its_wait_only_reads_the_publish(
+    server: Server, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread that waits for what it sent subscribes with its next send, before the task goes
+    out: a result stored before the wait even starts comes by the PUBLISH, with no GET."""
+    calls = _count_wait_calls(monkeypatch)
+    first = server.send_task(Signature("add", args=[0, 0], uuid="task_0"))
+    _store(server, "task_0", 0)
+    assert first.get(timeout=5) == 0  # the first wait: SUBSCRIBE, then GET
+    assert calls == {"read": 1, "subscribe": 1}
+    for i in range(1, 6):
+        res = server.send_task(Signature("add", args=[i, 0], uuid=f"task_{i}"))
+        assert dict(raw.pubsub_numsub(f"machinery:done:task_{i}")) == {f"machinery:done:task_{i}".encode(): 1}
+        _store(server, f"task_{i}", i)  # done before the wait starts: only the PUBLISH tells it
+        started = time.monotonic()
+        assert res.get(timeout=5) == i
+        assert time.monotonic() - started < 0.2  # the PUBLISH, not the first re-read (0.25 s)
+    assert calls == {"read": 1, "subscribe": 6}  # one SUBSCRIBE per send, written by the send
+
+
+def test_a_thread_that_sends_without_waiting_does_not_subscribe_ahead(
+    server: Server, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _count_wait_calls(monkeypatch)
+    first = server.send_task(Signature("add", args=[0, 0], uuid="task_0"))
+    _store(server, "task_0", 0)
+    assert first.get(timeout=5) == 0
+    sent = [server.send_task(Signature("add", args=[i, 0], uuid=f"task_{i}")) for i in range(1, 12)]
+    channels = [f"machinery:done:task_{i}" for i in range(1, 12)]
+    # the first send after a wait is subscribed ahead; the second without a wait disarms the thread
+    assert [n for _, n in raw.pubsub_numsub(*channels)] == [1] + [0] * 10
+    assert calls["subscribe"] == 2
+    # a wait for an earlier task (not the one sent last) does not arm it again
+    _store(server, "task_3", 3)
+    assert sent[2].get(timeout=5) == 3
+    server.send_task(Signature("add", args=[12, 0], uuid="task_12"))
+    assert dict(raw.pubsub_numsub("machinery:done:task_12")) == {b"machinery:done:task_12": 0}
+
+
+def test_a_send_subscribed_ahead_on_a_dropped_connection_still_gets_its_result(
+    server: Server, raw: redis.Redis
+) -> None:
+    """The server closed the thread's wait connections: the subscription made with the send
+    did not happen (the send's script saw no subscriber), so the wait subscribes again."""
+    first = server.send_task(Signature("add", args=[0, 0], uuid="task_0"))
+    _store(server, "task_0", 0)
+    assert first.get(timeout=5) == 0
+    for client in raw.client_list():
+        if client["cmd"] in ("subscribe", "unsubscribe", "get"):
+            raw.client_kill_filter(_id=client["id"])
+    res = server.send_task(Signature("add", args=[1, 0], uuid="task_1"))
+    _store(server, "task_1", 1)
+    assert res.get(timeout=5) == 1

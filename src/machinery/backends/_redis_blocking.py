@@ -44,9 +44,12 @@ class _Subscriber:
 
     A finished wait stays subscribed to its channel: the next wait unsubscribes from it in the
     same write as its own SUBSCRIBE, one write per wait instead of two. Messages of that old
-    channel (a task whose state is stored again) are read and skipped by the next wait."""
+    channel (a task whose state is stored again) are read and skipped by the next wait.
 
-    __slots__ = ("conn", "pid", "stale", "sub")
+    `watched` is the channel a send subscribed to ahead of itself, once the send's script saw
+    that subscription in place: its wait needs neither a SUBSCRIBE nor a GET."""
+
+    __slots__ = ("conn", "pid", "stale", "sub", "watched")
 
     def __init__(self, shared: Client) -> None:
         import redis
@@ -63,12 +66,19 @@ class _Subscriber:
         self.sub: Any = pool.get_connection()
         self.conn: Any = pool.get_connection()
         self.stale: bytes | None = None  # the channel the last wait left subscribed
+        self.watched: bytes | None = None
 
     def subscribe(self, channel: bytes) -> None:
         conn = self.sub
         packed = conn.pack_command("UNSUBSCRIBE", self.stale) if self.stale is not None else []
+        self.stale = self.watched = None  # unknown until the write is through
         conn.send_packed_command([*packed, *conn.pack_command("SUBSCRIBE", channel)])
         self.stale = channel
+
+    def take_watched(self, channel: bytes) -> bool:
+        """True once if a send proved this channel subscribed before the task went out."""
+        watched, self.watched = self.watched == channel, None
+        return watched
 
     def message(self, timeout: float) -> tuple[bytes, bytes, Any] | None:
         """The next pub/sub reply (kind, channel, data) within `timeout` seconds, or None."""
@@ -84,6 +94,8 @@ class _Subscriber:
     def read(self, key: str, budget: float | None) -> TaskState | None:
         """GET `key`, giving up (_Late) when no reply comes within `budget` seconds."""
         conn = self.conn
+        if budget is not None and getattr(conn, "_sock", None) is None:
+            _connect_within(conn, budget)
         conn.send_command("GET", key)
         if budget is not None and not conn.can_read(timeout=max(budget, 0.0)):
             conn.disconnect()  # the late reply must not be read as the next command's
@@ -98,8 +110,34 @@ class _Subscriber:
             self.conn.disconnect()
 
 
+def _connect_within(conn: Any, budget: float) -> None:
+    """Connect (again, after a late reply dropped the connection) within `budget` seconds; the
+    configured timeouts (15 s by default) would stretch a wait past its deadline on a stalled
+    server. A refused connection is raised as it is: the wait retries those."""
+    from redis.exceptions import TimeoutError as RTimeoutError
+
+    saved = conn.socket_timeout, conn.socket_connect_timeout
+    conn.socket_timeout = conn.socket_connect_timeout = max(budget, 0.001)
+    try:
+        conn.connect()
+    except RTimeoutError:
+        conn.disconnect()
+        raise _Late from None
+    finally:
+        conn.socket_timeout, conn.socket_connect_timeout = saved
+    conn._sock.settimeout(saved[0])  # the socket keeps the timeout it was made with
+
+
 class BlockingRedis:
-    """Blocking calls on one Redis server, made lazily: nothing connects until first used."""
+    """Blocking calls on one Redis server, made lazily: nothing connects until first used.
+
+    A thread that waits for each task it sends before sending the next (send-and-wait, the RPC
+    pattern) gets its sends subscribed ahead: the send writes SUBSCRIBE on the thread's wait
+    connection just before the task goes out on the other, and the send's script reports the
+    channel's subscriber count. Seen subscribed, the wait only reads the PUBLISH: one round trip
+    per send-and-wait instead of three. A thread that sends twice without waiting stops doing it,
+    so bulk senders pay nothing; one that never subscribed in time falls back to SUBSCRIBE + GET.
+    """
 
     def __init__(self, target: RedisTarget, cnf: Config, channel_prefix: str) -> None:
         self._shared = BlockingClient(target, cnf)
@@ -116,6 +154,34 @@ class BlockingRedis:
     @_wrap
     def script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         return self._shared.script(script, keys, args)
+
+    @_wrap
+    def send(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> None:
+        """Run the send script (KEYS[1] the task's uuid; an extra ARGV, the channel, makes it
+        return the channel's subscriber count), subscribed ahead when this thread is armed."""
+        local = self._local
+        channel = (self._prefix + keys[0]).encode()
+        if getattr(local, "sent", None) is not None:
+            local.armed = False  # the previous send was not waited for: not send-and-wait
+        sub = self._subscribe_ahead(channel) if getattr(local, "armed", False) else None
+        local.sent = channel
+        if sub is None:
+            self._shared.script(script, keys, args)
+        elif self._shared.script(script, keys, [*args, channel]):
+            sub.watched = channel
+
+    def _subscribe_ahead(self, channel: bytes) -> _Subscriber | None:
+        from redis.exceptions import ConnectionError as RConnectionError
+        from redis.exceptions import TimeoutError as RTimeoutError
+
+        sub: _Subscriber | None = None
+        try:
+            sub = self._subscriber()
+            sub.subscribe(channel)
+        except (RConnectionError, RTimeoutError, OSError):
+            self._drop(sub)  # the send goes out all the same; its wait subscribes again
+            return None
+        return sub
 
     @_wrap
     def get_state(self, task_uuid: str) -> TaskState | None:
@@ -136,12 +202,15 @@ class BlockingRedis:
 
         deadline = None if timeout is None else time.monotonic() + timeout
         channel = (self._prefix + task_uuid).encode()
+        local = self._local
+        local.armed = getattr(local, "sent", None) == channel  # waits for what it just sent
+        local.sent = None
         backoff = 0.05
         while True:
             sub: _Subscriber | None = None
             try:
                 sub = self._subscriber()
-                state = self._wait(sub, channel, task_uuid, deadline)
+                state = self._wait(sub, channel, task_uuid, deadline, sub.take_watched(channel))
             except (RConnectionError, RTimeoutError, OSError) as exc:
                 self._drop(sub)
                 left = None if deadline is None else deadline - time.monotonic()
@@ -158,9 +227,11 @@ class BlockingRedis:
                 raise
             return state  # still subscribed: the next wait unsubscribes in its own SUBSCRIBE's write
 
-    def _wait(self, sub: _Subscriber, channel: bytes, task_uuid: str, deadline: float | None) -> TaskState | None:
-        sub.subscribe(channel)
-        confirmed = False
+    def _wait(self, sub: _Subscriber, channel: bytes, task_uuid: str, deadline: float | None,
+              watched: bool) -> TaskState | None:
+        if not watched:
+            sub.subscribe(channel)
+        confirmed = watched  # subscribed before the task went out: nothing stored to read first
         recheck = RECHECK_FIRST
         next_read = time.monotonic() + recheck
         while True:
@@ -185,8 +256,8 @@ class BlockingRedis:
                 published = decode_state(data)
                 if published.is_completed():
                     return published
-            elif kind == b"subscribe":
-                # Subscribed, or subscribed again after a reconnect: read what is stored now.
+            elif kind == b"subscribe" and not confirmed:
+                # Subscribed: read what was stored before.
                 confirmed = True
                 stored = self._read(sub, task_uuid, deadline)
                 if stored is not None and stored.is_completed():

@@ -169,11 +169,14 @@ end
 return #KEYS
 """)
 
-# KEYS: task uuid, queue. ARGV: expiry, PENDING JSON, message. One task sent in one command (a
-# pipeline of SET and RPUSH costs redis-py about half a round trip more).
+# KEYS: task uuid, queue. ARGV: expiry, PENDING JSON, message[, completion channel]. One task sent
+# in one command (a pipeline of SET and RPUSH costs redis-py about half a round trip more). With a
+# channel, returns its subscriber count: above 0, a subscription made before the send is in place.
 SEND_ONE = LuaScript("""
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1], 'NX')
-return redis.call('RPUSH', KEYS[2], ARGV[3])
+local n = redis.call('RPUSH', KEYS[2], ARGV[3])
+if ARGV[4] then return redis.call('PUBSUB', 'NUMSUB', ARGV[4])[2] end
+return n
 """)
 
 # KEYS: progress hash. ARGV: task uuid, failed (0/1), expiry. Returns {done, failed, counted}.
@@ -400,7 +403,7 @@ class RedisBackend(Backend):
             queue = broker.ready_queue(item)
             if queue is None:
                 return False
-            blocking.script(SEND_ONE, [state.task_uuid, queue], [self.expire_in, encode_state(state), item[1]])
+            blocking.send(SEND_ONE, [state.task_uuid, queue], [self.expire_in, encode_state(state), item[1]])
             return True
 
         return send
