@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -82,6 +82,56 @@ def test_processes_spread_work_and_stop_gracefully(db: Path, worker: subprocess.
     assert worker.wait(timeout=30) == 0
     assert len(pids) >= 1
     del env
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().decode().split("\0")
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def _until(check: Callable[[], bool], timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_the_supervisor_holds_no_app_and_restarts_a_dead_worker(db: Path, worker: subprocess.Popen[str]) -> None:
+    """After forking, the supervisor execs a stdlib-only script (a few MB, not the app's tens);
+    a worker killed outright is started again, as a fresh `machinery worker` process."""
+    sup = worker.pid
+    assert _until(lambda: "_supervisor.py" in " ".join(_cmdline(sup)) and len(_children(sup)) == 2)
+    assert _rss_kb(sup) < 20_000, f"supervisor RSS {_rss_kb(sup)} kB"
+    killed, kept = _children(sup)
+    os.kill(killed, signal.SIGKILL)
+    assert _until(lambda: len(_children(sup)) == 2 and killed not in _children(sup))
+    (new,) = set(_children(sup)) - {kept}
+    argv = _cmdline(new)
+    assert argv[argv.index("--processes") + 1] == "1" and argv[argv.index("--name") + 1].endswith(("-0", "-1"))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from machinery import Config, Server, Signature
+
+    server = Server(Config(broker=f"sqlite:///{db}", result_backend=f"sqlite:///{db}"))
+    try:
+        results = server.send_tasks([Signature("sleepy", [0.05, i]) for i in range(20)])
+        assert sorted(r.get(timeout=60) for r in results) == list(range(20))
+        assert _until(lambda: new in {server.send_task(Signature("pid")).get(timeout=30) for _ in range(10)})
+    finally:
+        server.close()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
 
 
 def test_pending_lists_without_consuming(db: Path) -> None:

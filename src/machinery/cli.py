@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -90,21 +89,28 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         load_app(args.app)
         gc.freeze()  # keep the collector from touching (and so copying) the shared objects
-    return supervise(args.processes, child)
+    return supervise(args, child)
 
 
-def supervise(count: int, child_main: Callable[[int], int]) -> int:
-    """Fork `count` worker processes, restart any that die, and pass stop signals on to them."""
+def supervise(args: argparse.Namespace, child_main: Callable[[int], int]) -> int:
+    """Fork the worker processes, then become the slim supervisor (machinery._supervisor, by
+    exec) that forwards stop signals and restarts a worker that dies; where that exec fails,
+    supervise from this process instead."""
+    from machinery._supervisor import watch
+
     log = logging.getLogger("machinery")
-    children: dict[int, int] = {}
-    signals = 0
+    stops = {signal.SIGINT, signal.SIGTERM}
+    # A stop signal from here to the slim supervisor's handlers stays pending (the mask survives
+    # exec) instead of killing this process and leaving the workers unsupervised.
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
 
-    def spawn(index: int) -> None:
+    def spawn(index: int) -> int:
         pid = os.fork()
         if pid == 0:
             os.setpgid(0, 0)  # Ctrl-C reaches the supervisor only; it forwards one SIGTERM per signal
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
             code = 1
             try:
                 code = child_main(index)
@@ -112,34 +118,24 @@ def supervise(count: int, child_main: Callable[[int], int]) -> int:
                 log.error("worker process %d failed: %s", index, exc)
             finally:
                 os._exit(code)
-        children[pid] = index
+        return pid
 
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal signals
-        signals += 1
-        for pid in list(children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    for i in range(count):
-        spawn(i)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    while children:
+    children = {spawn(i): i for i in range(args.processes)}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_supervisor.py")
+    if sys.executable and os.path.exists(script):
+        name = args.name or f"worker@{os.uname().nodename}"
+        argv = ["--log-level", args.log_level, "worker", "--app", args.app, "--concurrency", str(args.concurrency)]
+        if args.queue:
+            argv += ["--queue", args.queue]
+        sys.stdout.flush()
+        sys.stderr.flush()
         try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        index = children.pop(pid, None)
-        if index is not None and not signals:
-            log.error("worker process %d (pid %d) exited with status %d; restarting it", index, pid, status)
-            time.sleep(1)
-            spawn(index)
-    return 0
+            # -S: no site-packages; -P: the script's folder (this package) is not put on sys.path
+            os.execv(sys.executable, [sys.executable, "-S", "-P", script, args.log_level, name,
+                                      *(f"{i}:{pid}" for pid, i in children.items()), "--", *argv])
+        except OSError as exc:
+            log.warning("could not start the slim supervisor (%s); supervising from this process", exc)
+    return watch(children, spawn, log.error)
 
 
 def _parse_value(text: str) -> Any:
