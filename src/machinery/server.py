@@ -19,6 +19,7 @@ from machinery.tasks import gojson
 from machinery.tasks.signature import Signature, encode_signature
 from machinery.tasks.state import PENDING, TaskState
 from machinery.tasks.workflow import Chain, Chord, Group, fresh_copy
+from machinery.tracing import Tracer
 
 if TYPE_CHECKING:
     from machinery.backends.base import Backend
@@ -54,6 +55,7 @@ class Server:
         broker: Broker | None = None,
         backend: Backend | None = None,
         lock: Lock | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.cnf = cnf if cnf is not None else Config()
         if not isinstance(self.cnf, Config):
@@ -68,6 +70,9 @@ class Server:
         self._blocking_send = self._backend.blocking_send(self._broker)
         self._tasks: dict[str, TaskSpec] = {}
         self._scheduler: PeriodicScheduler | None = None
+        #: OpenTelemetry spans of sends and task runs (no-ops without the opentelemetry-api package);
+        #: `tracer_provider` overrides the global provider
+        self.tracing = Tracer(tracer_provider)
 
     # --- registry --------------------------------------------------------------------------
 
@@ -172,6 +177,7 @@ class Server:
         states: list[TaskState] = []
         groups: dict[str, list[str]] = {}
         fresh: Iterator[str] | None = None
+        tracing = self.tracing.enabled
         for sig in sigs:  # _prepare, inlined: this loop is the cost of a bulk send
             if not isinstance(sig, Signature):
                 raise MachineryError(f"expected a Signature, got {type(sig).__name__}")
@@ -183,6 +189,8 @@ class Server:
                 sig.routing_key = queue
             if sig.headers is None:
                 sig.headers = {}
+            if tracing:
+                self.tracing.inject(sig.headers)
             eta = sig.eta
             items.append((sig, encode_signature(sig), gojson.time_ns(eta) if eta is not None else None))
             states.append(TaskState(sig.uuid, PENDING, task_name=sig.name, created_at=now))
@@ -205,7 +213,8 @@ class Server:
 
     async def asend_task(self, sig: Signature) -> AsyncResult:
         """Send one task; it runs now, or at `sig.eta`."""
-        await self.dispatch([sig])
+        with self.tracing.send("SendTask", [sig]):
+            await self.dispatch([sig])
         return AsyncResult(sig, self._backend, self.portal)
 
     def send_task(self, sig: Signature) -> AsyncResult:
@@ -215,15 +224,17 @@ class Server:
             return result
         # In the caller's thread where the driver can (see Backend.blocking_send): one command,
         # without the hand-over to the portal's thread, which costs more than the command.
-        states, items, _ = self._plan([sig], False)
-        if not send(states[0], items[0]):
-            self.portal.run(self._publish(states, items, {}))
+        with self.tracing.send("SendTask", [sig]):
+            states, items, _ = self._plan([sig], False)
+            if not send(states[0], items[0]):
+                self.portal.run(self._publish(states, items, {}))
         return AsyncResult(sig, self._backend, self.portal)
 
     async def asend_tasks(self, sigs: Iterable[Signature]) -> list[AsyncResult]:
         """Send many independent tasks in one batch (one round trip per store where the driver can)."""
         batch = list(sigs)
-        await self.dispatch(batch)
+        with self.tracing.send("SendTasks", batch):
+            await self.dispatch(batch)
         return [AsyncResult(s, self._backend, self.portal) for s in batch]
 
     def send_tasks(self, sigs: Iterable[Signature]) -> list[AsyncResult]:
@@ -237,13 +248,14 @@ class Server:
         sigs = group.signatures
         for sig in sigs:
             self._prepare(sig)
-        await self._backend.init_group(group.group_uuid, group.task_uuids())
-        if send_concurrency > 0:
-            chunks = [sigs[i:i + send_concurrency] for i in range(0, len(sigs), send_concurrency)]
-            for chunk in chunks:
-                await self.dispatch(chunk)
-        else:
-            await self.dispatch(sigs)
+        with self.tracing.send("SendGroup", workflow="group"):
+            await self._backend.init_group(group.group_uuid, group.task_uuids())
+            if send_concurrency > 0:
+                chunks = [sigs[i:i + send_concurrency] for i in range(0, len(sigs), send_concurrency)]
+                for chunk in chunks:
+                    await self.dispatch(chunk)
+            else:
+                await self.dispatch(sigs)
         return [AsyncResult(s, self._backend, self.portal) for s in sigs]
 
     def send_group(self, group: Group, send_concurrency: int = 0) -> list[AsyncResult]:
@@ -255,7 +267,8 @@ class Server:
         if not isinstance(chord, Chord):
             raise MachineryError(f"send_chord needs a Chord, got {type(chord).__name__}")
         self._prepare(chord.callback)
-        results = await self.asend_group(chord.group, send_concurrency)
+        with self.tracing.send("SendChord", workflow="chord"):
+            results = await self.asend_group(chord.group, send_concurrency)
         return ChordAsyncResult(results, AsyncResult(chord.callback, self._backend, self.portal), self.portal)
 
     def send_chord(self, chord: Chord, send_concurrency: int = 0) -> ChordAsyncResult:
@@ -278,12 +291,13 @@ class Server:
                 steps.append(GroupAsyncResult(
                     [AsyncResult(s, self._backend, self.portal) for s in step.signatures], self.portal))
         first = chain.first()
-        if isinstance(first, Signature):
-            await self.dispatch([first])
-        elif isinstance(first, Chord):
-            await self.asend_chord(first)
-        else:
-            await self.asend_group(first)
+        with self.tracing.send("SendChain", workflow="chain"):
+            if isinstance(first, Signature):
+                await self.dispatch([first])
+            elif isinstance(first, Chord):
+                await self.asend_chord(first)
+            else:
+                await self.asend_group(first)
         return ChainAsyncResult(steps, self.portal)
 
     def send_chain(self, chain: Chain) -> ChainAsyncResult:

@@ -2,12 +2,14 @@
 
 concurrent.futures costs a loop wake-up (a pipe write) and two future objects per call; here
 finished calls are handed back in batches with one wake-up per batch, and threads start only
-when every existing one is busy.
+when every existing one is busy. A call runs in a copy of the caller's context (as
+asyncio.to_thread does), so a task's current span and other context variables reach its function.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import queue
 import threading
 from collections import deque
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 _STOP = None
+_Job = tuple[contextvars.Context, Callable[..., Any], list[Any], asyncio.Future[Any]]
 
 
 class SyncRunner:
@@ -24,9 +27,7 @@ class SyncRunner:
         self._loop = loop
         self._max = max(1, max_threads)
         self._name = name
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], list[Any], asyncio.Future[Any]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._finished: deque[tuple[asyncio.Future[Any], bool, Any]] = deque()
         self._lock = threading.Lock()
         self._wake_pending = False
@@ -42,7 +43,7 @@ class SyncRunner:
                 self._idle -= 1  # reserve an idle thread for this job
         if need_thread:
             self._start_thread()
-        self._jobs.put((fn, args, fut))
+        self._jobs.put((contextvars.copy_context(), fn, args, fut))
         return fut
 
     def _start_thread(self) -> None:
@@ -56,9 +57,9 @@ class SyncRunner:
             job = jobs.get()
             if job is _STOP:
                 return
-            fn, args, fut = job
+            context, fn, args, fut = job
             try:
-                outcome: tuple[asyncio.Future[Any], bool, Any] = (fut, True, fn(*args))
+                outcome: tuple[asyncio.Future[Any], bool, Any] = (fut, True, context.run(fn, *args))
             except BaseException as exc:  # handed to the awaiting task, which decides
                 outcome = (fut, False, exc)
             with self._lock:

@@ -321,6 +321,14 @@ class Worker:
         await broker.requeue([d], UNKNOWN_TASK_DELAY)
 
     async def _run(self, d: Delivery, sig: Signature, spec: TaskSpec) -> None:
+        tracing = self.server.tracing
+        if not tracing.enabled:
+            await self._execute(d, sig, spec, None)
+            return
+        with tracing.run(sig, d.queue, d.attempts) as span:  # follow-ups sent meanwhile carry it
+            await self._execute(d, sig, spec, span)
+
+    async def _execute(self, d: Delivery, sig: Signature, spec: TaskSpec, span: Any) -> None:
         committer = self._committer
         assert committer is not None
         try:
@@ -352,10 +360,12 @@ class Worker:
             for r in results:
                 to_wire(r.type, r.value)
         except RetryTaskLater as exc:
+            self.server.tracing.failed(span, exc, retried=True)
             await self._retry(d, sig, str(exc), exc.delay)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            self.server.tracing.failed(span, exc, retried=sig.retry_count > 0)
             await self._fail(d, sig, str(exc) or type(exc).__name__, exc, retry=True)
         else:
             await self._succeed(d, sig, results)
