@@ -260,6 +260,10 @@ class Config(_Section):
     result_backend: str = DEFAULT_SQLITE_URL
     results_expire_in: int = 3600
     no_unix_signals: bool = False
+    #: chords whose members may also run on Go workers (which do not count members as we do): a
+    #: Python member that finds its group incomplete by the count reads every member's state, as Go
+    #: does (one read of the group per member: off unless Go workers share the queues)
+    go_chord_members: bool = False
     #: the loop the worker and the sync API's portal thread run on: auto (uvloop if installed), uvloop, asyncio
     event_loop: str = "auto"
     tls: ssl.SSLContext | None = None
@@ -275,7 +279,7 @@ class Config(_Section):
         "broker": "BROKER", "lock": "LOCK", "multiple_broker_separator": "MULTIPLE_BROKER_SEPARATOR",
         "default_queue": "DEFAULT_QUEUE", "result_backend": "RESULT_BACKEND",
         "results_expire_in": "RESULTS_EXPIRE_IN", "no_unix_signals": "NO_UNIX_SIGNALS",
-        "event_loop": "EVENT_LOOP",
+        "event_loop": "EVENT_LOOP", "go_chord_members": "GO_CHORD_MEMBERS",
     }
 
     def __post_init__(self) -> None:

@@ -448,8 +448,18 @@ class Worker:
             if progress.counted and progress.failed == 1:
                 await self._fail_chord(callback, f"chord member {sig.name} ({sig.uuid}) failed: {error}")
             return
-        if progress.failed or progress.done < sig.group_task_count:
+        if progress.failed:
             return
+        if progress.done < sig.group_task_count:
+            if not self.server.cnf.go_chord_members:
+                return
+            outcome = await self._members_outcome(sig.group_uuid)  # members Go ran are not counted
+            if outcome is None:
+                return
+            if outcome:  # a member failed on a Go worker (Go does not fail the chord): fail it once
+                if await backend.trigger_chord(sig.group_uuid):
+                    await self._fail_chord(callback, outcome)
+                return
         if progress.counted:
             if not await backend.trigger_chord(sig.group_uuid):
                 return
@@ -467,6 +477,21 @@ class Worker:
                     return
                 callback.args.extend(Arg(r.type, r.value) for r in state.results or [])
         await self.server.dispatch([callback], init_groups=True)
+
+    async def _members_outcome(self, group_uuid: str) -> str | None:
+        """From the members' stored states: None while any runs, "" when all succeeded, else why
+        the chord fails."""
+        backend = self.server.get_backend()
+        meta = await backend.get_group_meta(group_uuid)
+        if meta is None:
+            return None
+        states = await backend.get_states(meta.task_uuids)
+        if any(state is None or not state.is_completed() for state in states):
+            return None
+        for uuid, state in zip(meta.task_uuids, states, strict=True):
+            if state is not None and state.state != SUCCESS:
+                return f"chord member {uuid} failed: {state.error}"
+        return ""
 
     async def _fail_chord(self, callback: Signature, error: str) -> None:
         assert self._committer is not None
