@@ -79,19 +79,21 @@ async def counted(broker: RedisBroker | Any) -> list[str]:
 
     client.execute_command = execute_command
     client.pipeline = make_pipeline
-    # a fetch loop's own connection (a Lane) is one more way to the server: counted the same
-    lanes = getattr(broker, "_lanes", None)
-    if lanes is None:
-        return calls
-    lane = lanes.get(lambda: Lane(client, broker.target))
-    lane_call = lane.call
+    # a connection of its own (a Lane: a fetch loop's, a committer's, one-task sends') is one more
+    # way to the server: counted the same
+    for attr in ("_lanes", "_send_lanes"):
+        lanes = getattr(broker, attr, None)
+        if lanes is not None:
+            _count_lane(lanes.get(lambda: Lane(client, broker.target)), calls)
+    return calls
+
+
+def _count_lane(lane: Lane, calls: list[str]) -> None:
+    lane_call, lane_pipeline = lane.call, lane.pipeline
 
     async def call(*args: Any) -> Any:
         calls.append(str(args[0]))
         return await lane_call(*args)
-
-    lane.call = call  # type: ignore[method-assign]
-    lane_pipeline = lane.pipeline
 
     async def pipeline_on_lane(commands: Any) -> Any:
         out = await lane_pipeline(commands)
@@ -99,8 +101,8 @@ async def counted(broker: RedisBroker | Any) -> list[str]:
             calls.append("PIPELINE")
         return out
 
+    lane.call = call  # type: ignore[method-assign]
     lane.pipeline = pipeline_on_lane  # type: ignore[method-assign]
-    return calls
 
 
 # --- Go wire interop -------------------------------------------------------------------------

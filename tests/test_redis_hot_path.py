@@ -21,6 +21,7 @@ from machinery.backends.redis import COMMIT, COMMIT_LANDED, SEND_ONE, SET_PENDIN
 from machinery.brokers import _redis_lua as lua
 from machinery.brokers.base import Delivery
 from machinery.brokers.redis import RedisBroker
+from machinery.config import RedisConfig
 from machinery.errors import BackendError
 from machinery.tasks.signature import encode_signature
 from machinery.tasks.state import RECEIVED, SUCCESS, TaskState
@@ -294,6 +295,35 @@ async def test_send_is_one_round_trip_when_broker_and_backend_share_redis(cnf: C
     await server.asend_tasks(sigs)
     assert calls == ["PIPELINE"]
     assert await raw.llen(QUEUE) == 50
+    await server.aclose()
+
+
+async def test_one_task_sends_at_once_on_one_loop_all_land(cnf: Config, raw: aioredis.Redis) -> None:
+    """One-task sends share a connection of their own per loop; those that find it busy take the
+    pool: nothing is lost or sent twice."""
+    server = Server(cnf)
+    sigs = [Signature("add", [i, i]) for i in range(200)]
+    await asyncio.gather(*(server.asend_task(s) for s in sigs))
+    assert sorted(await raw.lrange(QUEUE, 0, -1)) == sorted(encode_signature(s) for s in sigs)
+    states = await server.get_backend().get_states([s.uuid for s in sigs])
+    assert all(st is not None and st.state == "PENDING" for st in states)
+    await server.aclose()
+
+
+@pytest.mark.parametrize("wait", [True, False])
+async def test_a_connection_limit_waits_or_fails_as_configured(raw: aioredis.Redis, wait: bool) -> None:
+    """redis.max_active with redis.wait, as Go's MaxActive and Wait: at the limit, sends wait
+    for a free connection, or fail with a clear error."""
+    cnf = Config(broker=REDIS_URL, result_backend=REDIS_URL, redis=RedisConfig(max_active=3, wait=wait))
+    server = Server(cnf)
+    sigs = [Signature("add", [i, i]) for i in range(100)]
+    sends = asyncio.gather(*(server.asend_task(s) for s in sigs))
+    if wait:
+        await sends
+        assert await raw.llen(QUEUE) == 100
+    else:
+        with pytest.raises(BackendError, match="Too many connections"):
+            await sends
     await server.aclose()
 
 

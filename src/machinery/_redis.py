@@ -186,6 +186,10 @@ def _options(t: RedisTarget, cnf: Config, retry_class: type[Any]) -> dict[str, A
     }
 
 
+#: a pool size that never binds (redis-py 5's own default)
+UNLIMITED_CONNECTIONS = 2**31
+
+
 def create_client(t: RedisTarget, cnf: Config) -> Client:
     """A redis.asyncio client (standalone, socket, Sentinel master or Cluster) for the current loop."""
     import redis.asyncio as aioredis
@@ -210,16 +214,22 @@ def create_client(t: RedisTarget, cnf: Config) -> Client:
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(t.hosts), sentinel_kwargs=sentinel_kwargs, db=t.db, **common)
         return sentinel.master_for(t.master_name)
-    pool_kwargs: dict[str, Any] = dict(common, db=t.db, max_connections=r.max_active or None)
+    # As Go's MaxActive and Wait: 0 = no limit (redis-py 8's pools default to 100 and then raise,
+    # so 200 sends gathered on one loop failed); at the limit, wait for a connection when `wait`
+    # is set, else fail with "Too many connections".
+    pool_kwargs: dict[str, Any] = dict(common, db=t.db, max_connections=r.max_active or UNLIMITED_CONNECTIONS)
+    pool_class: Any = aioredis.ConnectionPool
+    if r.max_active and r.wait:
+        pool_class = aioredis.BlockingConnectionPool
+        pool_kwargs["timeout"] = None
     if t.socket_path:
-        pool: Any = aioredis.ConnectionPool(
+        pool: Any = pool_class(
             connection_class=_timer_bounded(aioredis.UnixDomainSocketConnection), path=t.socket_path,
             **pool_kwargs)
     else:
         host, port = t.hosts[0]
         base = _tls_connection_class(cnf.tls) if t.tls else aioredis.Connection
-        pool = aioredis.ConnectionPool(host=host, port=port, connection_class=_timer_bounded(base),
-                                       **pool_kwargs)
+        pool = pool_class(host=host, port=port, connection_class=_timer_bounded(base), **pool_kwargs)
     return aioredis.Redis(connection_pool=pool)
 
 
@@ -229,7 +239,8 @@ def create_blocking_client(t: RedisTarget, cnf: Config) -> Client:
     import redis
     from redis.retry import Retry
 
-    kwargs: dict[str, Any] = dict(_options(t, cnf, Retry), db=t.db, max_connections=cnf.redis.max_active or None)
+    kwargs: dict[str, Any] = dict(_options(t, cnf, Retry), db=t.db,
+                                  max_connections=cnf.redis.max_active or UNLIMITED_CONNECTIONS)
     if t.socket_path:
         pool = redis.ConnectionPool(connection_class=redis.UnixDomainSocketConnection, path=t.socket_path,
                                     **kwargs)

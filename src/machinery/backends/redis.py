@@ -249,6 +249,7 @@ class RedisBackend(Backend):
         self._cluster = self.target.cluster
         self._blocking = BlockingRedis(self.target, cnf, CHANNEL_PREFIX)
         self._lanes: PerLoop[Lane] = PerLoop()
+        self._send_lanes: PerLoop[Lane] = PerLoop()  # one-task sends: no pool checkout per send
 
     async def _client(self) -> Client:
         return await self._clients.get()
@@ -381,8 +382,10 @@ class RedisBackend(Backend):
         async def send(states: Sequence[TaskState], items: Sequence[PublishItem]) -> None:
             if len(states) == 1 and len(items) == 1 and (queue := broker.ready_queue(items[0])) is not None:
                 state = states[0]
-                await SEND_ONE(await self._client(), [state.task_uuid, queue],
-                               [self.expire_in, encode_state(state), items[0][1]])
+                client = await self._client()
+                lane = self._send_lanes.get(lambda: Lane(client, self.target))
+                await lane.script(SEND_ONE, [state.task_uuid, queue],
+                                  [self.expire_in, encode_state(state), items[0][1]])
                 return
             batch = Batch()
             self._pending_ops(batch, states)
@@ -537,9 +540,10 @@ class RedisBackend(Backend):
         notifier = self._notifiers.pop_current()
         if notifier is not None:
             await notifier.close()
-        lane = self._lanes.pop_current()
-        if lane is not None:
-            await lane.close()
+        for lanes in (self._lanes, self._send_lanes):
+            lane = lanes.pop_current()
+            if lane is not None:
+                await lane.close()
         await self._clients.close()
         self._blocking.close()
 
