@@ -213,7 +213,7 @@ def create_client(t: RedisTarget, cnf: Config) -> Client:
             common.update(ssl=True)
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(t.hosts), sentinel_kwargs=sentinel_kwargs, db=t.db, **common)
-        return sentinel.master_for(t.master_name)
+        return sentinel.master_for(t.master_name, max_connections=r.max_active or UNLIMITED_CONNECTIONS)
     # As Go's MaxActive and Wait: 0 = no limit (redis-py 8's pools default to 100 and then raise,
     # so 200 sends gathered on one loop failed); at the limit, wait for a connection when `wait`
     # is set, else fail with "Too many connections".
