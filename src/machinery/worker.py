@@ -450,10 +450,17 @@ class Worker:
             return
         if progress.failed:
             return
+        uuids: list[str] = []  # the members, and their states once read
+        states: list[TaskState | None] | None = None
         if progress.done < sig.group_task_count:
             if not self.server.cnf.go_chord_members:
                 return
-            outcome = await self._members_outcome(sig.group_uuid)  # members Go ran are not counted
+            meta = await backend.get_group_meta(sig.group_uuid)  # members Go ran are not counted
+            if meta is None:
+                return
+            uuids = meta.task_uuids
+            states = await backend.get_states(uuids)
+            outcome = _members_outcome(uuids, states)
             if outcome is None:
                 return
             if outcome:  # a member failed on a Go worker (Go does not fail the chord): fail it once
@@ -465,33 +472,21 @@ class Worker:
                 return
         elif await backend.get_state(callback.uuid) is not None:
             return  # already sent by the member that completed the group
-        meta = await backend.get_group_meta(sig.group_uuid)
-        if meta is None:
-            await self._fail_chord(callback, f"group {sig.group_uuid} is unknown or expired; chord not sent")
-            return
+        if states is None:
+            meta = await backend.get_group_meta(sig.group_uuid)
+            if meta is None:
+                await self._fail_chord(callback, f"group {sig.group_uuid} is unknown or expired; chord not sent")
+                return
+            uuids = meta.task_uuids
         if not callback.immutable:
-            states = await backend.get_states(meta.task_uuids)
-            for uuid, state in zip(meta.task_uuids, states, strict=True):
+            if states is None:
+                states = await backend.get_states(uuids)
+            for uuid, state in zip(uuids, states, strict=True):
                 if state is None or state.state != SUCCESS:
                     await self._fail_chord(callback, f"chord member {uuid} has no stored result")
                     return
                 callback.args.extend(Arg(r.type, r.value) for r in state.results or [])
         await self.server.dispatch([callback], init_groups=True)
-
-    async def _members_outcome(self, group_uuid: str) -> str | None:
-        """From the members' stored states: None while any runs, "" when all succeeded, else why
-        the chord fails."""
-        backend = self.server.get_backend()
-        meta = await backend.get_group_meta(group_uuid)
-        if meta is None:
-            return None
-        states = await backend.get_states(meta.task_uuids)
-        if any(state is None or not state.is_completed() for state in states):
-            return None
-        for uuid, state in zip(meta.task_uuids, states, strict=True):
-            if state is not None and state.state != SUCCESS:
-                return f"chord member {uuid} failed: {state.error}"
-        return ""
 
     async def _fail_chord(self, callback: Signature, error: str) -> None:
         assert self._committer is not None
@@ -513,6 +508,17 @@ class Worker:
             await _maybe_await(fn(arg))
         except Exception as exc:
             get_logger().error("handler %r raised: %s", fn, exc)
+
+
+def _members_outcome(uuids: list[str], states: list[TaskState | None]) -> str | None:
+    """From a group's stored states: None while any member runs, "" when all succeeded, else why
+    the chord fails."""
+    if any(state is None or not state.is_completed() for state in states):
+        return None
+    for uuid, state in zip(uuids, states, strict=True):
+        if state is not None and state.state != SUCCESS:
+            return f"chord member {uuid} failed: {state.error}"
+    return ""
 
 
 async def _maybe_await(value: Any) -> Any:
