@@ -118,6 +118,8 @@ def test_the_supervisor_holds_no_app_and_restarts_a_dead_worker(db: Path, worker
     os.kill(killed, signal.SIGKILL)
     assert _until(lambda: len(_children(sup)) == 2 and killed not in _children(sup))
     (new,) = set(_children(sup)) - {kept}
+    # between its fork and its exec the new child still shows the supervisor's command line
+    assert _until(lambda: not any(part.endswith("_supervisor.py") for part in _cmdline(new)))
     argv = _cmdline(new)
     assert argv[argv.index("--processes") + 1] == "1" and argv[argv.index("--name") + 1].endswith(("-0", "-1"))
     sys.path.insert(0, str(ROOT / "tests"))

@@ -142,6 +142,17 @@ def test_connections_pack_commands_byte_for_byte_as_redis_py() -> None:
         (b"GET", b"k"),
         ("RPUSH", "q", "é", big, memoryview(b"view"), bytearray(b"array")),
     ]
+    from redis.exceptions import DataError
+
+    packable = []
     for cmd in commands:
-        assert b"".join(ours.pack_command(*cmd)) == b"".join(theirs.pack_command(*cmd))
-    assert b"".join(ours.pack_commands(commands)) == b"".join(theirs.pack_commands(commands))
+        try:
+            expected = b"".join(theirs.pack_command(*cmd))
+        except DataError:  # older redis-py with hiredis 3 refuses memoryview and bytearray: so must we
+            with pytest.raises(DataError):
+                ours.pack_command(*cmd)
+            continue
+        assert b"".join(ours.pack_command(*cmd)) == expected
+        packable.append(cmd)
+    assert len(packable) >= len(commands) - 1
+    assert b"".join(ours.pack_commands(packable)) == b"".join(theirs.pack_commands(packable))

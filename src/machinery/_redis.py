@@ -211,8 +211,8 @@ def create_client(t: RedisTarget, cnf: Config) -> Client:
                            "socket_connect_timeout": common["socket_connect_timeout"]}
         if t.tls:
             common.update(ssl=True)
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(t.hosts), sentinel_kwargs=sentinel_kwargs, db=t.db, **common)
+        sentinel_class: Any = Sentinel  # typed in some redis-py releases, not in others
+        sentinel = sentinel_class(list(t.hosts), sentinel_kwargs=sentinel_kwargs, db=t.db, **common)
         return sentinel.master_for(t.master_name, max_connections=r.max_active or UNLIMITED_CONNECTIONS)
     # As Go's MaxActive and Wait: 0 = no limit (redis-py 8's pools default to 100 and then raise,
     # so 200 sends gathered on one loop failed); at the limit, wait for a connection when `wait`
@@ -336,7 +336,8 @@ def _hiredis_packer() -> Any:
     from redis.connection import HiredisRespSerializer
     from redis.utils import HIREDIS_AVAILABLE
 
-    return HiredisRespSerializer() if HIREDIS_AVAILABLE else None
+    serializer: Any = HiredisRespSerializer  # typed in some redis-py releases, not in others
+    return serializer() if HIREDIS_AVAILABLE else None
 
 
 def _hiredis_pack() -> Any:

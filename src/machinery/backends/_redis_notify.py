@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from machinery._redis import Client
@@ -24,6 +24,18 @@ class Waiter:
         self.event.set()
 
 
+def _pubsub(client: Client) -> Any:
+    """A pub/sub on the client; on a cluster before redis-py 8, whose asyncio cluster client has
+    none, a plain connection to one node (Redis Cluster relays every PUBLISH to all nodes)."""
+    if hasattr(client, "pubsub"):
+        return client.pubsub()
+    import redis.asyncio as aioredis
+
+    node: Any = client.get_default_node()  # type: ignore[union-attr,unused-ignore]
+    pool = aioredis.ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+    return aioredis.Redis(connection_pool=pool).pubsub()
+
+
 class Notifier:
     """One pub/sub connection per event loop, shared by all waiters on it.
 
@@ -38,7 +50,7 @@ class Notifier:
     max_idle = 500
 
     def __init__(self, client: Client) -> None:
-        self._pubsub = client.pubsub()
+        self._pubsub = _pubsub(client)
         self._channels: dict[bytes, set[Waiter]] = {}
         self._confirmed: set[bytes] = set()
         self._idle: set[bytes] = set()  # subscribed, nobody waiting: dropped by the next sweep
