@@ -2,15 +2,23 @@
 # The whole test suite from a fresh clone: install, start what the tests need, lint, type-check, test.
 # Redis (6379) and RabbitMQ (5672) are expected to be running already (they are on the project's
 # machines); the tests start private instances of anything else they need on free ports.
+#
+# Everything is installed at the versions that constraints/dev.txt pins (scripts/lock.sh moves them
+# forward on purpose), so a release made since the last lock cannot change the result. A second
+# pass then runs the driver and core tests again with every direct dependency at the lowest
+# release pyproject.toml admits (constraints/lowest.txt): MACHINERY_SKIP_LOWEST=1 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[all,dev]'
+install() {  # install VENV LOCK: the project with every extra, pip and the build backend from LOCK
+  local venv=$1 lock=$PWD/$2
+  [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q -c "$lock" pip >/dev/null
+  # PIP_CONSTRAINT also reaches the isolated environment that builds the editable install
+  PIP_CONSTRAINT=$lock "$venv/bin/python" -m pip install -q -e '.[all,dev]'
+}
+install .venv constraints/dev.txt
 # memcached for the memcache backend's tests (Debian package; this runs as root in CI)
 if ! command -v memcached >/dev/null 2>&1 && [ ! -x /usr/bin/memcached ] && command -v apt-get >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q memcached >/dev/null 2>&1 \
@@ -28,3 +36,9 @@ fi
 .venv/bin/ruff check src tests
 .venv/bin/mypy src/machinery
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+
+if [ "${MACHINERY_SKIP_LOWEST:-}" != 1 ] && [ $# -eq 0 ]; then
+  echo "== again at the lowest supported versions (constraints/lowest.txt), slow tests left out"
+  install .venv-lowest constraints/lowest.txt
+  .venv-lowest/bin/python -m pytest -q -p no:cacheprovider -m "not slow"
+fi

@@ -583,7 +583,7 @@ def test_memory_drivers_resolve() -> None:
         ("redis://localhost", "broker", "redis", "redis"),
         ("redis://localhost", "backend", "redis", "redis"),
         ("rediss://localhost", "lock", "redis", "redis"),
-        ("amqp://localhost", "broker", "aio_pika", "amqp"),
+        ("amqp://localhost", "broker", "aiormq", "amqp"),
         ("https://sqs.eu-west-1.amazonaws.com/1/q", "broker", "aiobotocore", "sqs"),
         ("https://dynamodb.eu-west-1.amazonaws.com", "backend", "aiobotocore", "dynamodb"),
         ("mongodb://localhost", "backend", "pymongo", "mongodb"),

@@ -2,8 +2,8 @@
 
 One connection per event loop, dialled over the configured URLs in order (Go's failover), and
 re-dialled on demand after a drop, so that every operation either reaches RabbitMQ within a retry
-window or fails with a clear error. It talks to aiormq (the protocol layer under aio-pika, installed
-by the `amqp` extra) directly: we need raw delivery tags, multiple-acks, basic.recover and our own
+window or fails with a clear error. It talks to aiormq (the protocol layer under aio-pika; the `amqp`
+extra installs it) directly: we need raw delivery tags, multiple-acks, basic.recover and our own
 multi-URL failover, which aio-pika's robust wrappers do not give.
 """
 
