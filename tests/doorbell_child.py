@@ -14,8 +14,8 @@ import json
 import os
 import sys
 
-from machinery._doorbell import Doorbell
-from machinery._waiters import Waiters
+from machinery.drivers.sqlite.doorbell import Doorbell
+from machinery.waiters import Waiters
 
 
 async def listen_once(bell: Doorbell) -> bool:

@@ -13,8 +13,8 @@ import sys
 import time
 
 from machinery.config import Config
+from machinery.drivers.registry import make_lock
 from machinery.periodic import PeriodicScheduler
-from machinery.registry import make_lock
 
 
 async def main(argv: list[str]) -> None:

@@ -19,11 +19,11 @@ import time
 import zlib
 from pathlib import Path
 
-from machinery.backends.sqlite import SQLiteBackend
-from machinery.brokers.base import Delivery
-from machinery.brokers.sqlite import SQLiteBroker
 from machinery.config import Config, SQLiteConfig
-from machinery.locks.sqlite import SQLiteLock
+from machinery.drivers.broker import Delivery
+from machinery.drivers.sqlite.backend import SQLiteBackend
+from machinery.drivers.sqlite.broker import SQLiteBroker
+from machinery.drivers.sqlite.lock import SQLiteLock
 from machinery.tasks.signature import Signature
 
 QUEUE = "mp_queue"

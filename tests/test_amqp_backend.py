@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from amqp_support import Admin, golden, make_cnf, require_rabbit
-from machinery.backends.amqp import AMQPBackend
 from machinery.config import Config
+from machinery.drivers.amqp.backend import AMQPBackend
 from machinery.errors import BackendError
 from machinery.tasks.state import (
     FAILURE,

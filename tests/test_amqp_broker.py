@@ -15,8 +15,8 @@ import pytest
 from aiormq import exceptions as amqp_exc
 
 from amqp_support import AMQP_URL, Admin, golden, make_cnf, require_rabbit
-from machinery.brokers.amqp import REASON_HEADER, SOURCE_HEADER, AMQPBroker
 from machinery.config import Config
+from machinery.drivers.amqp.broker import REASON_HEADER, SOURCE_HEADER, AMQPBroker
 from machinery.errors import BrokerError, ConfigError
 from machinery.tasks.signature import Signature, decode_signature, encode_signature
 
@@ -383,7 +383,7 @@ async def test_used_from_another_event_loop_and_the_sync_facade(broker: AMQPBrok
 
 VICTIM = """
 import asyncio, sys
-from machinery.brokers.amqp import AMQPBroker
+from machinery.drivers.amqp.broker import AMQPBroker
 from machinery.config import Config
 
 async def main() -> None:

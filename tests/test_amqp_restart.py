@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from amqp_support import AMQP_URL, Admin, PrivateRabbit, make_cnf, require_rabbit, unavailable
-from machinery.backends.amqp import AMQPBackend
-from machinery.brokers.amqp import AMQPBroker
+from machinery.drivers.amqp.backend import AMQPBackend
+from machinery.drivers.amqp.broker import AMQPBroker
 from machinery.errors import BrokerError
 from machinery.tasks.signature import Signature, decode_signature, encode_signature
 from machinery.tasks.state import STARTED, SUCCESS, TaskResult, TaskState

@@ -112,14 +112,14 @@ def test_the_supervisor_holds_no_app_and_restarts_a_dead_worker(db: Path, worker
     """After forking, the supervisor execs a stdlib-only script (a few MB, not the app's tens);
     a worker killed outright is started again, as a fresh `machinery worker` process."""
     sup = worker.pid
-    assert _until(lambda: "_supervisor.py" in " ".join(_cmdline(sup)) and len(_children(sup)) == 2)
+    assert _until(lambda: "cli/supervisor.py" in " ".join(_cmdline(sup)) and len(_children(sup)) == 2)
     assert _rss_kb(sup) < 20_000, f"supervisor RSS {_rss_kb(sup)} kB"
     killed, kept = _children(sup)
     os.kill(killed, signal.SIGKILL)
     assert _until(lambda: len(_children(sup)) == 2 and killed not in _children(sup))
     (new,) = set(_children(sup)) - {kept}
     # between its fork and its exec the new child still shows the supervisor's command line
-    assert _until(lambda: not any(part.endswith("_supervisor.py") for part in _cmdline(new)))
+    assert _until(lambda: not any(part.endswith("cli/supervisor.py") for part in _cmdline(new)))
     argv = _cmdline(new)
     assert argv[argv.index("--processes") + 1] == "1" and argv[argv.index("--name") + 1].endswith(("-0", "-1"))
     sys.path.insert(0, str(ROOT / "tests"))

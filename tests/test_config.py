@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from machinery import config as config_module
-from machinery import registry
 from machinery.config import (
     AMQPConfig,
     Config,
@@ -23,6 +22,7 @@ from machinery.config import (
     RedisConfig,
     SQSConfig,
 )
+from machinery.drivers import registry
 from machinery.errors import ConfigError, DriverMissingError, MachineryError, UnknownSchemeError
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -567,9 +567,9 @@ def test_non_url_is_a_config_error(url: str) -> None:
 
 
 def test_memory_drivers_resolve() -> None:
-    from machinery.backends.memory import MemoryBackend
-    from machinery.brokers.memory import MemoryBroker
-    from machinery.locks.memory import MemoryLock
+    from machinery.drivers.memory.backend import MemoryBackend
+    from machinery.drivers.memory.broker import MemoryBroker
+    from machinery.drivers.memory.lock import MemoryLock
 
     assert registry.driver_class("memory://", "broker") is MemoryBroker
     assert registry.driver_class("eager", "broker") is MemoryBroker
@@ -606,7 +606,7 @@ def test_missing_third_party_module_inside_a_driver(monkeypatch: pytest.MonkeyPa
     real_import = importlib.import_module
 
     def fake_import(name: str, package: str | None = None) -> Any:
-        if name == "machinery.brokers.redis":
+        if name == "machinery.drivers.redis.broker":
             raise ModuleNotFoundError("No module named 'hiredis'", name="hiredis")
         if name == "redis":
             return object()
@@ -621,8 +621,8 @@ def test_missing_machinery_module_is_not_blamed_on_an_extra(monkeypatch: pytest.
     real_import = importlib.import_module
 
     def fake_import(name: str, package: str | None = None) -> Any:
-        if name == "machinery.brokers.redis":
-            raise ModuleNotFoundError("No module named 'machinery.brokers.redis'", name="machinery.brokers.redis")
+        if name == "machinery.drivers.redis.broker":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         if name == "redis":
             return object()
         return real_import(name, package)
@@ -660,7 +660,7 @@ DRIVER_MODULES = ("redis", "hiredis", "aio_pika", "aiormq", "pamqp", "aiobotocor
         "import machinery",
         "import machinery.tasks, machinery.tasks.signature, machinery.tasks.state, machinery.tasks.workflow",
         "import machinery.config; machinery.config.Config()",
-        "import machinery.registry",
+        "import machinery.drivers.registry",
         "import machinery.errors, machinery.tasks.gotypes, machinery.tasks.gojson",
         "from machinery import Config, Signature, Group, Chord, Chain",
     ],

@@ -16,10 +16,10 @@ import pytest
 from backend_e2e import check_task_and_chord, worker_server
 from dynamodb_support import backend_url, delete_tables, dynamodb_config
 from machinery import Config, Server
-from machinery._dynamodb import parse_dynamodb_url
-from machinery.backends.dynamodb import DynamoDBBackend
+from machinery.drivers.dynamodb.backend import DynamoDBBackend
+from machinery.drivers.dynamodb.client import parse_dynamodb_url
+from machinery.drivers.registry import make_backend, scheme_of
 from machinery.errors import BackendError, ConfigError
-from machinery.registry import make_backend, scheme_of
 from machinery.tasks.state import TaskResult, TaskState
 from moto_server import MOTO_REGION, moto_endpoint, moto_session
 

@@ -15,9 +15,9 @@ import pytest
 
 from backend_e2e import check_task_and_chord, worker_server
 from machinery import Config, Server
-from machinery.backends.memcache import MemcacheBackend, parse_memcache_url, pick_server
+from machinery.drivers.memcache.backend import MemcacheBackend, parse_memcache_url, pick_server
+from machinery.drivers.registry import make_backend
 from machinery.errors import BackendError, ConfigError
-from machinery.registry import make_backend
 from machinery.tasks.state import GroupMeta, TaskResult, TaskState, encode_group_meta, encode_state
 from memcached_servers import memcache_url
 

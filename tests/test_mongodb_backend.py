@@ -17,10 +17,10 @@ from pymongo import AsyncMongoClient
 
 from backend_e2e import check_task_and_chord, worker_server
 from machinery import Config, Server
-from machinery.backends.mongodb import MongoBackend
 from machinery.config import MongoDBConfig
+from machinery.drivers.mongodb.backend import MongoBackend
+from machinery.drivers.registry import make_backend
 from machinery.errors import BackendError, ConfigError
-from machinery.registry import make_backend
 from machinery.tasks.state import FAILURE, PENDING, RECEIVED, SUCCESS, TaskResult, TaskState
 from mongo_server import mongo_url
 

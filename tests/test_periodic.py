@@ -25,8 +25,8 @@ import pytest
 
 from machinery.config import Config
 from machinery.cron import CronError
+from machinery.drivers.memory.lock import MemoryLock
 from machinery.errors import ConfigError
-from machinery.locks.memory import MemoryLock
 from machinery.periodic import PeriodicScheduler
 from machinery.portal import Portal
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from machinery import Config, Server
-from machinery.brokers.base import Delivery
 from machinery.config import GCPPubSubConfig
+from machinery.drivers.broker import Delivery
+from machinery.drivers.registry import make_broker
 from machinery.errors import BrokerError, ConfigError
-from machinery.registry import make_broker
 from machinery.tasks.signature import Signature
 from pubsub_emulator import PROJECT, delete_resources, emulator_host, raw_clients
 
@@ -40,7 +40,7 @@ def test_bad_urls_name_the_field(url: str, message: str) -> None:
 
 
 def test_config_is_checked_at_construction() -> None:
-    from machinery.brokers.gcppubsub import PubSubBroker
+    from machinery.drivers.gcppubsub.broker import PubSubBroker
 
     broker = make_broker(Config(broker="gcppubsub://proj/sub"))
     assert isinstance(broker, PubSubBroker)
@@ -78,7 +78,7 @@ def cnf_for(ns: str, **pubsub: Any) -> Config:
 
 @pytest.fixture
 async def broker(names: str) -> AsyncIterator[Any]:
-    from machinery.brokers.gcppubsub import PubSubBroker
+    from machinery.drivers.gcppubsub.broker import PubSubBroker
 
     b = PubSubBroker(cnf_for(names))
     yield b
@@ -221,7 +221,7 @@ async def test_pubsub_dead_letter_policy_forwards_with_a_reason(broker: Any, nam
 
 async def test_max_extension_stops_renewal(names: str) -> None:
     """Go's MaxExtension: a message is not extended past it, so another worker may take it."""
-    from machinery.brokers.gcppubsub import PubSubBroker
+    from machinery.drivers.gcppubsub.broker import PubSubBroker
 
     cnf = cnf_for(names, lease_seconds=1, max_extension=1.5)
     broker, other = PubSubBroker(cnf), PubSubBroker(cnf)
@@ -270,7 +270,7 @@ async def answered_while_nobody_waits(broker: Any, sig: Signature) -> Any:
 
 async def test_answer_nobody_waited_for_is_adopted_without_another_delivery(broker: Any, names: str) -> None:
     """The next fetch takes the kept answer: no hand-back, which Pub/Sub would count as a delivery."""
-    from machinery.brokers.gcppubsub import PubSubBroker
+    from machinery.drivers.gcppubsub.broker import PubSubBroker
 
     sig = Signature("add", [1], routing_key=broker.cnf.default_queue)
     await answered_while_nobody_waits(broker, sig)
@@ -290,7 +290,7 @@ async def test_answer_nobody_waited_for_is_adopted_without_another_delivery(brok
 @pytest.mark.parametrize("how", ["grace", "close"])
 async def test_answer_nobody_adopts_goes_back(broker: Any, names: str, how: str) -> None:
     """Kept past the grace, or when the broker closes, the answer goes back (not left to its 30 s deadline)."""
-    from machinery.brokers.gcppubsub import PubSubBroker
+    from machinery.drivers.gcppubsub.broker import PubSubBroker
 
     broker.keep_grace = 0.3 if how == "grace" else 4.0
     sig = Signature("add", [1], routing_key=broker.cnf.default_queue)
@@ -312,7 +312,7 @@ async def test_answer_nobody_adopts_goes_back(broker: Any, names: str, how: str)
 async def test_unreachable_service_is_a_broker_error(names: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    from machinery.brokers.gcppubsub import PubSubBroker
+    from machinery.drivers.gcppubsub.broker import PubSubBroker
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

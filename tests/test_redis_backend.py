@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from machinery.backends.redis import RedisBackend
 from machinery.config import Config
+from machinery.drivers.redis.backend import RedisBackend
 from machinery.tasks.state import (
     RECEIVED,
     STARTED,

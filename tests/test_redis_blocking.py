@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from machinery import Config, Server, Signature
-from machinery.backends.redis import RedisBackend
 from machinery.config import RedisConfig
+from machinery.drivers.redis.backend import RedisBackend
 from machinery.errors import BackendError, BrokerError, TimeoutError
 from machinery.tasks.state import PENDING, SUCCESS, TaskResult, TaskState, encode_state
 from redis_servers import REDIS_URL, PrivateRedis, require_redis
@@ -300,7 +300,7 @@ def test_a_blocking_wait_on_the_portals_own_thread_is_refused(server: Server, ra
 
 def _count_wait_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count the GETs and SUBSCRIBE writes the thread's wait connections make."""
-    from machinery.backends import _redis_blocking
+    from machinery.drivers.redis import blocking as _redis_blocking
 
     calls = {"read": 0, "subscribe": 0}
     sub_cls = _redis_blocking._Subscriber

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from machinery._redis import Lane
-from machinery.brokers import _redis_lua as lua
-from machinery.brokers.redis import RedisBroker
 from machinery.config import Config
+from machinery.drivers.redis import scripts as lua
+from machinery.drivers.redis.broker import RedisBroker
+from machinery.drivers.redis.client import Lane
 from machinery.tasks import gojson
 from machinery.tasks.signature import Signature, decode_signature, encode_signature
 from redis_servers import REDIS_URL, require_redis

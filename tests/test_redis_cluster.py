@@ -18,9 +18,9 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from machinery.backends.redis import RedisBackend
-from machinery.brokers.redis import RedisBroker
 from machinery.config import Config
+from machinery.drivers.redis.backend import RedisBackend
+from machinery.drivers.redis.broker import RedisBroker
 from machinery.tasks.signature import Signature, encode_signature
 from machinery.tasks.state import STARTED, SUCCESS, TaskResult, TaskState
 from redis_servers import shared_cluster

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from machinery import Server
-from machinery.backends.redis import RedisBackend
-from machinery.brokers.redis import RedisBroker
 from machinery.config import Config, RedisConfig
+from machinery.drivers.redis.backend import RedisBackend
+from machinery.drivers.redis.broker import RedisBroker
 from machinery.errors import BrokerError
 from machinery.tasks.signature import Signature, encode_signature
 from machinery.tasks.state import SUCCESS, TaskResult, TaskState

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from machinery import AsyncResult, Config, Server, Signature
-from machinery.brokers.redis import RedisBroker
+from machinery.drivers.redis.broker import RedisBroker
 from machinery.tasks.signature import encode_signature
 from redis_servers import PrivateRedis
 

@@ -16,12 +16,12 @@ import redis
 import redis.asyncio as aioredis
 
 from machinery import Chain, Config, Server, Signature
-from machinery.backends.base import JointCommit
-from machinery.backends.redis import COMMIT, COMMIT_LANDED, SEND_ONE, SET_PENDING, SET_STATES, RedisBackend
-from machinery.brokers import _redis_lua as lua
-from machinery.brokers.base import Delivery
-from machinery.brokers.redis import RedisBroker
 from machinery.config import RedisConfig
+from machinery.drivers.backend import JointCommit
+from machinery.drivers.broker import Delivery
+from machinery.drivers.redis import scripts as lua
+from machinery.drivers.redis.backend import COMMIT, COMMIT_LANDED, SEND_ONE, SET_PENDING, SET_STATES, RedisBackend
+from machinery.drivers.redis.broker import RedisBroker
 from machinery.errors import BackendError
 from machinery.tasks.signature import encode_signature
 from machinery.tasks.state import RECEIVED, SUCCESS, TaskState

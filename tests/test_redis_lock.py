@@ -25,9 +25,9 @@ from contract.test_lock_contract import (  # noqa: F401 - collected here against
     test_release_frees_the_key,
 )
 from machinery.config import Config
+from machinery.drivers.lock import Lock
+from machinery.drivers.registry import make_lock
 from machinery.errors import BackendError, ConfigError
-from machinery.locks.base import Lock
-from machinery.registry import make_lock
 
 DB = 11
 URL = f"redis://127.0.0.1:6379/{DB}"
@@ -49,7 +49,7 @@ def _redis_up() -> None:
 
 @asynccontextmanager
 async def _redis_lock(env: DriverEnv) -> AsyncIterator[Lock]:
-    from machinery.locks.redis import RedisLock
+    from machinery.drivers.redis.lock import RedisLock
 
     lock = RedisLock(env.cnf, URL)
     try:
@@ -133,7 +133,7 @@ async def test_db_is_honoured(lock: Lock) -> None:
 
 
 async def test_username_is_sent() -> None:
-    from machinery.locks.redis import RedisLock
+    from machinery.drivers.redis.lock import RedisLock
 
     lock = RedisLock(_cnf(), f"redis://nobody-{uuid.uuid4().hex[:6]}:secret@127.0.0.1:6379/{DB}")
     try:
@@ -144,7 +144,7 @@ async def test_username_is_sent() -> None:
 
 
 def test_bad_url_names_the_field() -> None:
-    from machinery.locks.redis import RedisLock
+    from machinery.drivers.redis.lock import RedisLock
 
     with pytest.raises(ConfigError, match=r"config field lock: port must be 1\.\.65535"):
         RedisLock(_cnf(), "redis://127.0.0.1:notaport")
@@ -155,7 +155,7 @@ def test_bad_url_names_the_field() -> None:
 async def test_rediss_uses_tls() -> None:
     from redis.asyncio.connection import SSLConnection
 
-    from machinery.locks.redis import RedisLock
+    from machinery.drivers.redis.lock import RedisLock
 
     lock = RedisLock(_cnf(), "rediss://secret@127.0.0.1:6380/3")
     assert lock.target.tls and lock.target.db == 3 and lock.target.password == "secret"
@@ -165,7 +165,7 @@ async def test_rediss_uses_tls() -> None:
 
 
 def test_make_lock_picks_redis() -> None:
-    from machinery.locks.redis import RedisLock
+    from machinery.drivers.redis.lock import RedisLock
 
     assert isinstance(make_lock(_cnf(lock=URL)), RedisLock)
     assert isinstance(make_lock(_cnf(result_backend=URL)), RedisLock)  # the backend's store

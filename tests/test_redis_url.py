@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from machinery._redis import RedisTarget, parse_redis_url, tagged
 from machinery.config import Config, RedisConfig
+from machinery.drivers.redis.client import RedisTarget, parse_redis_url, tagged
+from machinery.drivers.registry import make_backend, make_broker
 from machinery.errors import ConfigError
-from machinery.registry import make_backend, make_broker
 
 
 def parse(url: str, **redis: object) -> RedisTarget:
@@ -117,7 +117,7 @@ def test_tagged_keys_share_the_slot(key: str) -> None:
 
 
 def test_cluster_broker_refuses_queue_names_it_cannot_colocate() -> None:
-    from machinery.brokers.redis import RedisBroker
+    from machinery.drivers.redis.broker import RedisBroker
     from machinery.errors import BrokerError
 
     broker = RedisBroker(Config(broker="redis://127.0.0.1:1,127.0.0.1:2"))
@@ -129,7 +129,7 @@ def test_cluster_broker_refuses_queue_names_it_cannot_colocate() -> None:
 def test_connections_pack_commands_byte_for_byte_as_redis_py() -> None:
     import redis.asyncio as aioredis
 
-    from machinery._redis import _timer_bounded
+    from machinery.drivers.redis.client import _timer_bounded
 
     ours, theirs = _timer_bounded(aioredis.Connection)(), aioredis.Connection()
     assert ours._packer is not None and ours._pack is not None  # hiredis is a dependency: its C packer runs

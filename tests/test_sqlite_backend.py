@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from machinery.backends.sqlite import SQLiteBackend
 from machinery.config import Config, SQLiteConfig
+from machinery.drivers.sqlite.backend import SQLiteBackend
+from machinery.drivers.sqlite.lock import SQLiteLock
 from machinery.errors import BackendError
-from machinery.locks.sqlite import SQLiteLock
 from machinery.tasks.state import FAILURE, PENDING, STARTED, SUCCESS, TaskResult, TaskState, encode_state
 
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from machinery.brokers.sqlite import SQLiteBroker
 from machinery.config import Config, SQLiteConfig
+from machinery.drivers.registry import make_backend, make_broker, make_lock
+from machinery.drivers.sqlite.broker import SQLiteBroker
 from machinery.errors import BrokerError, ConfigError
-from machinery.registry import make_backend, make_broker, make_lock
 from machinery.tasks.signature import Signature
 
 SIG = Signature("t")

@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from machinery._doorbell import Doorbell, bells_dir
-from machinery.backends.sqlite import SQLiteBackend
-from machinery.brokers.sqlite import SQLiteBroker
 from machinery.config import Config, SQLiteConfig
+from machinery.drivers.sqlite.backend import SQLiteBackend
+from machinery.drivers.sqlite.broker import SQLiteBroker
+from machinery.drivers.sqlite.doorbell import Doorbell, bells_dir
 from machinery.loops import run
 from machinery.server import Server
 from machinery.tasks.signature import Signature
@@ -297,7 +297,7 @@ def test_no_bell_without_unix_sockets_or_a_file(tmp_path: Path, monkeypatch: pyt
 def test_ringing_lists_the_directory_only_when_it_changed(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import machinery._doorbell as doorbell
+    from machinery.drivers.sqlite import doorbell
 
     monkeypatch.setattr(doorbell, "_SETTLE_NS", 0)  # this filesystem's mtimes are fine-grained enough
     listed = []

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from machinery.backends.sqlite import SQLiteBackend
-from machinery.brokers.sqlite import SQLiteBroker
+from machinery.drivers.sqlite.backend import SQLiteBackend
+from machinery.drivers.sqlite.broker import SQLiteBroker
 from machinery.tasks.signature import Signature
 from sqlite_child import QUEUE, config
 

@@ -15,9 +15,9 @@ import pytest
 import sqs_support
 from backend_e2e import check_task_and_chord, worker_server
 from machinery import Config, Server, Signature
-from machinery._sqs import DEFAULT_REGION, parse_sqs_url, send_batches
-from machinery.brokers.sqs import ETA_ATTR, SQSBroker, dead_letter_queue
 from machinery.config import SQSConfig
+from machinery.drivers.sqs.broker import ETA_ATTR, SQSBroker, dead_letter_queue
+from machinery.drivers.sqs.client import DEFAULT_REGION, parse_sqs_url, send_batches
 from machinery.errors import BrokerError, ConfigError
 from moto_server import MOTO_REGION, moto_endpoint
 

@@ -20,8 +20,8 @@ from machinery.log import get_logger
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from machinery.backends.base import Backend
-    from machinery.brokers.base import Broker, Delivery, PublishItem
+    from machinery.drivers.backend import Backend
+    from machinery.drivers.broker import Broker, Delivery, PublishItem
     from machinery.tasks.state import TaskState
 
     Send = tuple[Sequence[TaskState], Sequence[PublishItem]]

@@ -8,8 +8,9 @@ AMQP round trips) it saves about 15% of the CPU per task. `Config.event_loop` ch
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from machinery.config import EVENT_LOOPS
 from machinery.errors import ConfigError
@@ -43,3 +44,35 @@ def run(coro: Coroutine[Any, Any, T], kind: str = "auto") -> T:
         raise
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(coro)
+
+
+class PerLoop(Generic[T]):
+    """One resource per event loop (clients of asyncio libraries are bound to the loop that made them)."""
+
+    def __init__(self) -> None:
+        self._items: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = weakref.WeakKeyDictionary()
+
+    def get(self, factory: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        item = self._items.get(loop)
+        if item is None:
+            item = factory()
+            self._items[loop] = item
+        return item
+
+    def current(self) -> T | None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        return self._items.get(loop)
+
+    def pop_current(self) -> T | None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        return self._items.pop(loop, None)
+
+    def values(self) -> list[T]:
+        return list(self._items.values())

@@ -49,7 +49,7 @@ from machinery import cron
 from machinery.log import get_logger
 
 if TYPE_CHECKING:
-    from machinery.locks.base import Lock
+    from machinery.drivers.lock import Lock
     from machinery.portal import Portal
 
 __all__ = ["FireFn", "PeriodicScheduler"]

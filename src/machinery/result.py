@@ -9,7 +9,7 @@ from machinery.errors import TaskError, TimeoutError
 from machinery.tasks.state import FAILURE, TaskState
 
 if TYPE_CHECKING:
-    from machinery.backends.base import Backend
+    from machinery.drivers.backend import Backend
     from machinery.portal import Portal
     from machinery.tasks.signature import Signature
 

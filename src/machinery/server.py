@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, overload
 
-from machinery import registry
 from machinery.config import Config
+from machinery.drivers import registry
 from machinery.errors import MachineryError, TaskNotRegisteredError
 from machinery.portal import Portal
 from machinery.result import AsyncResult, ChainAsyncResult, ChordAsyncResult, GroupAsyncResult
@@ -22,9 +22,9 @@ from machinery.tasks.workflow import Chain, Chord, Group, fresh_copy
 from machinery.tracing import Tracer
 
 if TYPE_CHECKING:
-    from machinery.backends.base import Backend
-    from machinery.brokers.base import Broker, PublishItem
-    from machinery.locks.base import Lock
+    from machinery.drivers.backend import Backend
+    from machinery.drivers.broker import Broker, PublishItem
+    from machinery.drivers.lock import Lock
     from machinery.periodic import PeriodicScheduler
     from machinery.worker import Worker
 

@@ -31,7 +31,7 @@ from machinery.tasks.state import FAILURE, RECEIVED, RETRY, STARTED, SUCCESS, Ta
 from machinery.threads import SyncRunner
 
 if TYPE_CHECKING:
-    from machinery.brokers.base import Delivery
+    from machinery.drivers.broker import Delivery
     from machinery.server import Server
     from machinery.task import TaskSpec
 

@@ -6,7 +6,7 @@ one entry to BROKER_DRIVERS / BACKEND_DRIVERS / LOCK_DRIVERS, e.g.
     @asynccontextmanager
     async def _redis_broker(env: DriverEnv) -> AsyncIterator[Broker]:
         await require_tcp("127.0.0.1", 6379, "Redis")        # unreachable: skip locally, FAIL when CI=true
-        from machinery.brokers.redis import RedisBroker
+        from machinery.drivers.redis.broker import RedisBroker
         cnf = env.cnf                                         # isolate keys with env.namespace
         cnf.redis.delayed_tasks_key = f"delayed_tasks_{env.namespace}"
         broker = RedisBroker(cnf, "redis://127.0.0.1:6379")
@@ -36,13 +36,13 @@ from typing import Any, Generic, TypeVar
 
 import pytest
 
-from machinery.backends.base import Backend
-from machinery.backends.memory import MemoryBackend
-from machinery.brokers.base import Broker
-from machinery.brokers.memory import MemoryBroker
 from machinery.config import Config, SQLiteConfig
-from machinery.locks.base import Lock
-from machinery.locks.memory import MemoryLock
+from machinery.drivers.backend import Backend
+from machinery.drivers.broker import Broker
+from machinery.drivers.lock import Lock
+from machinery.drivers.memory.backend import MemoryBackend
+from machinery.drivers.memory.broker import MemoryBroker
+from machinery.drivers.memory.lock import MemoryLock
 
 T = TypeVar("T")
 
@@ -112,7 +112,7 @@ async def _memory_broker(env: DriverEnv) -> AsyncIterator[Broker]:
 
 @asynccontextmanager
 async def _sqlite_broker(env: DriverEnv) -> AsyncIterator[Broker]:
-    from machinery.brokers.sqlite import SQLiteBroker
+    from machinery.drivers.sqlite.broker import SQLiteBroker
 
     broker = SQLiteBroker(_sqlite_cnf(env), _sqlite_url(env))
     try:
@@ -124,7 +124,7 @@ async def _sqlite_broker(env: DriverEnv) -> AsyncIterator[Broker]:
 @asynccontextmanager
 async def _amqp_broker(env: DriverEnv) -> AsyncIterator[Broker]:
     from amqp_support import AMQP_URL, Admin
-    from machinery.brokers.amqp import AMQPBroker
+    from machinery.drivers.amqp.broker import AMQPBroker
 
     await require_tcp("127.0.0.1", 5672, "RabbitMQ")
     cnf = _amqp_cnf(env)
@@ -158,7 +158,7 @@ async def _memory_backend(env: DriverEnv) -> AsyncIterator[Backend]:
 
 @asynccontextmanager
 async def _sqlite_backend(env: DriverEnv) -> AsyncIterator[Backend]:
-    from machinery.backends.sqlite import SQLiteBackend
+    from machinery.drivers.sqlite.backend import SQLiteBackend
 
     backend = SQLiteBackend(_sqlite_cnf(env), _sqlite_url(env))
     try:
@@ -170,7 +170,7 @@ async def _sqlite_backend(env: DriverEnv) -> AsyncIterator[Backend]:
 @asynccontextmanager
 async def _amqp_backend(env: DriverEnv) -> AsyncIterator[Backend]:
     from amqp_support import AMQP_URL, Admin
-    from machinery.backends.amqp import AMQPBackend
+    from machinery.drivers.amqp.backend import AMQPBackend
 
     await require_tcp("127.0.0.1", 5672, "RabbitMQ")
     backend = AMQPBackend(_amqp_cnf(env), AMQP_URL)
@@ -195,7 +195,7 @@ async def _memory_lock(env: DriverEnv) -> AsyncIterator[Lock]:
 
 @asynccontextmanager
 async def _sqlite_lock(env: DriverEnv) -> AsyncIterator[Lock]:
-    from machinery.locks.sqlite import SQLiteLock
+    from machinery.drivers.sqlite.lock import SQLiteLock
 
     lock = SQLiteLock(_sqlite_cnf(env), _sqlite_url(env))
     try:
@@ -237,7 +237,7 @@ async def _redis_cleanup(env: DriverEnv, url: str) -> None:
 def _redis_broker(cluster: bool) -> Callable[[DriverEnv], AbstractAsyncContextManager[Broker]]:
     @asynccontextmanager
     async def factory(env: DriverEnv) -> AsyncIterator[Broker]:
-        from machinery.brokers.redis import RedisBroker
+        from machinery.drivers.redis.broker import RedisBroker
 
         url = await _redis_url(env, cluster)
         env.cnf.redis.delayed_tasks_key = f"delayed_tasks_{env.namespace}"
@@ -259,7 +259,7 @@ def _redis_broker(cluster: bool) -> Callable[[DriverEnv], AbstractAsyncContextMa
 def _redis_backend(cluster: bool) -> Callable[[DriverEnv], AbstractAsyncContextManager[Backend]]:
     @asynccontextmanager
     async def factory(env: DriverEnv) -> AsyncIterator[Backend]:
-        from machinery.backends.redis import RedisBackend
+        from machinery.drivers.redis.backend import RedisBackend
 
         backend = RedisBackend(env.cnf, await _redis_url(env, cluster))
         try:
@@ -277,8 +277,8 @@ def _redis_backend(cluster: bool) -> Callable[[DriverEnv], AbstractAsyncContextM
 async def _sqs_broker(env: DriverEnv) -> AsyncIterator[Broker]:
     """Queues are named after env.namespace (created on first use); the last client out deletes them."""
     import sqs_support
-    from machinery.brokers.sqs import SQSBroker
     from machinery.config import SQSConfig
+    from machinery.drivers.sqs.broker import SQSBroker
 
     url = await asyncio.to_thread(sqs_support.broker_url)
     if env.cnf.sqs.client is None:
@@ -304,8 +304,8 @@ async def _pubsub_broker(env: DriverEnv) -> AsyncIterator[Broker]:
     """Topics and subscriptions are named after env.namespace; the broker creates them on the emulator
     and the last client out deletes them."""
     import pubsub_emulator
-    from machinery.brokers.gcppubsub import PubSubBroker
     from machinery.config import GCPPubSubConfig
+    from machinery.drivers.gcppubsub.broker import PubSubBroker
 
     host = await asyncio.to_thread(pubsub_emulator.emulator_host)
     if env.lease_seconds is not None and env.cnf.gcppubsub.lease_seconds != env.lease_seconds:
@@ -327,7 +327,7 @@ async def _pubsub_broker(env: DriverEnv) -> AsyncIterator[Broker]:
 @asynccontextmanager
 async def _memcache_backend(env: DriverEnv) -> AsyncIterator[Backend]:
     """Two servers, so every test also spreads keys across hosts; keys are random UUIDs that expire."""
-    from machinery.backends.memcache import MemcacheBackend
+    from machinery.drivers.memcache.backend import MemcacheBackend
     from memcached_servers import memcache_url
 
     backend = MemcacheBackend(env.cnf, await asyncio.to_thread(memcache_url, 2))
@@ -341,7 +341,7 @@ async def _memcache_backend(env: DriverEnv) -> AsyncIterator[Backend]:
 async def _dynamodb_backend(env: DriverEnv) -> AsyncIterator[Backend]:
     """Tables named after env.namespace: the first client creates them, the last one out drops them."""
     from dynamodb_support import backend_url, delete_tables, dynamodb_config
-    from machinery.backends.dynamodb import DynamoDBBackend
+    from machinery.drivers.dynamodb.backend import DynamoDBBackend
 
     url = await asyncio.to_thread(backend_url)
     if env.cnf.dynamodb.client is None:
@@ -367,8 +367,8 @@ async def _dynamodb_backend(env: DriverEnv) -> AsyncIterator[Backend]:
 @asynccontextmanager
 async def _mongodb_backend(env: DriverEnv) -> AsyncIterator[Backend]:
     """A database named after env.namespace; the last client out drops it."""
-    from machinery.backends.mongodb import MongoBackend
     from machinery.config import MongoDBConfig
+    from machinery.drivers.mongodb.backend import MongoBackend
     from mongo_server import mongo_url
 
     url = await asyncio.to_thread(mongo_url)

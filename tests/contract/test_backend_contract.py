@@ -8,7 +8,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from machinery.backends.base import Backend, GroupProgress
+from machinery.drivers.backend import Backend, GroupProgress
 from machinery.tasks.state import FAILURE, PENDING, RECEIVED, STARTED, SUCCESS, TaskResult, TaskState
 
 from .conftest import Driver

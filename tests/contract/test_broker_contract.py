@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from machinery.brokers.base import Broker, Delivery
+from machinery.drivers.broker import Broker, Delivery
 from machinery.tasks.signature import Signature
 
 from .conftest import Driver

@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 
-from machinery.locks.base import Lock
+from machinery.drivers.lock import Lock
 
 from .conftest import Driver
 

@@ -1,0 +1,278 @@
+"""The `machinery` command: worker, send, status, pending, scheduler, example."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from machinery.errors import MachineryError, TaskError
+
+if TYPE_CHECKING:
+    from machinery.config import Config
+    from machinery.server import Server
+
+
+def load_app(spec: str) -> Server:
+    """Import MODULE:ATTR; ATTR is a Server or a callable returning one."""
+    from machinery.server import Server
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise MachineryError(f"--app must look like MODULE:ATTR (e.g. myapp.tasks:server), got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise MachineryError(f"--app {spec}: cannot import {module_name}: {exc}") from exc
+    try:
+        obj: Any = getattr(module, attr)
+    except AttributeError:
+        raise MachineryError(f"--app {spec}: module {module_name} has no attribute {attr!r}") from None
+    if not isinstance(obj, Server) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, Server):
+        raise MachineryError(f"--app {spec}: expected a machinery.Server, got {type(obj).__name__}")
+    return obj
+
+
+def _config(args: argparse.Namespace) -> Config:
+    from machinery.config import Config
+
+    if getattr(args, "config", None):
+        return Config.from_yaml(args.config)
+    return Config.from_env()
+
+
+def _server(args: argparse.Namespace) -> Server:
+    from machinery.server import Server
+
+    if getattr(args, "app", None):
+        return load_app(args.app)
+    return Server(_config(args))
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    if args.processes < 1:
+        raise MachineryError(f"--processes must be >= 1, got {args.processes}")
+
+    def child(index: int) -> int:
+        server = load_app(args.app)
+        name = args.name or f"worker@{os.uname().nodename}"
+        if args.processes > 1:
+            name = f"{name}-{index}"
+        worker = server.new_worker(name, args.concurrency, args.queue)
+        worker.launch()
+        if worker.aborted:  # do not wait for abandoned task threads at interpreter exit
+            logging.shutdown()
+            os._exit(1)
+        return 0
+
+    if args.processes == 1:
+        return child(0)
+    if args.preload:
+        # Import the app (and through it the library and the drivers) once, before forking: the
+        # children share those pages instead of each building its own copy, and start faster.
+        # Nothing connects at import time; connections are made per process, on first use.
+        import gc
+
+        load_app(args.app)
+        gc.freeze()  # keep the collector from touching (and so copying) the shared objects
+    return supervise(args, child)
+
+
+def supervise(args: argparse.Namespace, child_main: Callable[[int], int]) -> int:
+    """Fork the worker processes, then become the slim supervisor (machinery.cli.supervisor, by
+    exec) that forwards stop signals and restarts a worker that dies; where that exec fails,
+    supervise from this process instead."""
+    from machinery.cli.supervisor import watch
+
+    log = logging.getLogger("machinery")
+    stops = {signal.SIGINT, signal.SIGTERM}
+    # A stop signal from here to the slim supervisor's handlers stays pending (the mask survives
+    # exec) instead of killing this process and leaving the workers unsupervised.
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+
+    def spawn(index: int) -> int:
+        pid = os.fork()
+        if pid == 0:
+            os.setpgid(0, 0)  # Ctrl-C reaches the supervisor only; it forwards one SIGTERM per signal
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+            code = 1
+            try:
+                code = child_main(index)
+            except BaseException as exc:
+                log.error("worker process %d failed: %s", index, exc)
+            finally:
+                os._exit(code)
+        return pid
+
+    children = {spawn(i): i for i in range(args.processes)}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervisor.py")
+    if sys.executable and os.path.exists(script):
+        name = args.name or f"worker@{os.uname().nodename}"
+        argv = ["--log-level", args.log_level, "worker", "--app", args.app, "--concurrency", str(args.concurrency)]
+        if args.queue:
+            argv += ["--queue", args.queue]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            # -S: no site-packages; -P: the script's folder (this package) is not put on sys.path
+            os.execv(sys.executable, [sys.executable, "-S", "-P", script, args.log_level, name,
+                                      *(f"{i}:{pid}" for pid, i in children.items()), "--", *argv])
+        except OSError as exc:
+            log.warning("could not start the slim supervisor (%s); supervising from this process", exc)
+    return watch(children, spawn, log.error)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from machinery.tasks.signature import Signature
+
+    server = _server(args)
+    try:
+        spec = server.find_task(args.task)
+        values = tuple(_parse_value(a) for a in args.args)
+        typed = spec.make_args(values) if spec is not None else None
+        sig = Signature(args.task, typed if typed is not None else values)
+        if args.queue:
+            sig.routing_key = args.queue
+        result = server.send_task(sig)
+        print(sig.uuid)
+        if args.wait:
+            try:
+                value = result.get(timeout=args.timeout)
+            except TaskError as exc:
+                print(f"FAILURE: {exc.error}", file=sys.stderr)
+                return 1
+            print(json.dumps(value, default=repr))
+        return 0
+    finally:
+        server.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    server = _server(args)
+    try:
+        state = server.portal.run(server.get_backend().get_state(args.uuid))
+        if state is None:
+            print(f"no state stored for {args.uuid}", file=sys.stderr)
+            return 1
+        sys.stdout.write(state.to_json().decode() + "\n")
+        return 0
+    finally:
+        server.close()
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    server = _server(args)
+    try:
+        broker = server.get_broker()
+        for sig in broker.get_pending_tasks(args.queue or ""):
+            sys.stdout.write(sig.to_json().decode() + "\n")
+        if args.delayed:
+            for sig in broker.get_delayed_tasks():
+                sys.stdout.write(sig.to_json().decode() + "\n")
+        return 0
+    finally:
+        server.close()
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    """Import the app (its register_periodic_* calls start the schedules) and keep it running."""
+    server = load_app(args.app)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    logging.getLogger("machinery").info("scheduler running for %s", args.app)
+    stop.wait()
+    server.close()
+    return 0
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from machinery.example import run
+
+    return run(args.db)
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="machinery", description="Distributed task queue, Go Machinery compatible.")
+    parser.add_argument("--log-level", default=os.environ.get("MACHINERY_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser, app_required: bool = False) -> None:
+        p.add_argument("--app", required=app_required, help="MODULE:ATTR of your Server")
+        p.add_argument("--config", help="YAML config file (when no --app); default: environment variables")
+
+    p = sub.add_parser("worker", help="run a worker")
+    with_config(p, app_required=True)
+    p.add_argument("--name", default="", help="worker tag")
+    p.add_argument("--concurrency", type=int, default=10, help="tasks at once per process (0 = no limit)")
+    p.add_argument("--queue", default=None, help="queue to consume (default: the config's default_queue)")
+    p.add_argument("--processes", type=int, default=1, help="worker processes under one supervisor")
+    p.add_argument("--no-preload", dest="preload", action="store_false",
+                   help="with --processes > 1: import the app in each worker process, not once before forking")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("send", help="send a task (arguments are JSON values, else strings)")
+    with_config(p)
+    p.add_argument("task")
+    p.add_argument("args", nargs="*")
+    p.add_argument("--queue", default="")
+    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("status", help="print a task's stored state")
+    with_config(p)
+    p.add_argument("uuid")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("pending", help="list tasks waiting in a queue")
+    with_config(p)
+    p.add_argument("queue", nargs="?", default="")
+    p.add_argument("--delayed", action="store_true", help="also list tasks waiting for their ETA")
+    p.set_defaults(func=cmd_pending)
+
+    p = sub.add_parser("scheduler", help="run the periodic schedules an app registers")
+    with_config(p, app_required=True)
+    p.set_defaults(func=cmd_scheduler)
+
+    p = sub.add_parser("example", help="a self-contained demo on the embedded SQLite default")
+    p.add_argument("--db", default=None, help="SQLite file (default ./machinery.sqlite3)")
+    p.set_defaults(func=cmd_example)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+    except MachineryError as exc:
+        print(f"machinery: {exc}", file=sys.stderr)
+        return 2
+    return code

@@ -1,0 +1,140 @@
+"""The Broker contract: the few primitives each driver implements.
+
+Retries, workflows, state writes, prefetch bounds and lease renewal scheduling live once in the
+worker and server; a driver only moves bytes. Everything here is asyncio; drivers must work from
+any event loop (keep per-loop connections with `machinery.loops.PerLoop`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from machinery.portal import PortalUser
+from machinery.tasks.signature import Signature, decode_signature
+
+if TYPE_CHECKING:
+    from machinery.config import Config
+
+T = TypeVar("T")
+#: what publish_many takes: the signature, its encoded body, and its ETA in Unix ns (None = now)
+PublishItem = tuple[Signature, bytes, int | None]
+#: publishes one message in the caller's thread, blocking; False means this one cannot go this way
+#: (a delayed one, say) and takes the asyncio path
+BlockingPublish = Callable[[PublishItem], bool]
+
+
+@dataclass(slots=True, eq=False)
+class Delivery:
+    """One fetched message. `receipt` is the driver's handle (row id, delivery tag, receipt handle)."""
+
+    body: bytes
+    queue: str
+    receipt: Any = None
+    redelivered: bool = False
+    attempts: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Broker(PortalUser, ABC):
+    """Moves encoded signatures between producers and workers."""
+
+    #: seconds a fetched delivery stays claimed without renew(); None if the broker tracks liveness itself
+    lease_seconds: float | None = None
+
+    def __init__(self, cnf: Config, url: str = "") -> None:
+        self.cnf = cnf
+        self.url = url
+
+    # --- primitives ------------------------------------------------------------------------
+
+    @abstractmethod
+    async def publish(self, sig: Signature, body: bytes, eta_ns: int | None) -> None:
+        """Enqueue `body` on `sig.routing_key`; when `eta_ns` (Unix ns) is in the future, hold it until then."""
+
+    async def publish_many(self, items: Sequence[tuple[Signature, bytes, int | None]]) -> None:
+        """Enqueue several messages; drivers override this with one round trip."""
+        for sig, body, eta_ns in items:
+            await self.publish(sig, body, eta_ns)
+
+    @abstractmethod
+    async def fetch(self, queue: str, max_count: int, wait: float) -> list[Delivery]:
+        """Claim up to `max_count` ready messages, waiting up to `wait` seconds for the first one.
+
+        Claimed messages stay invisible to other consumers until ack(), requeue(), or (for leased
+        brokers) lease expiry without renew().
+        """
+
+    @abstractmethod
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Remove finished messages for good."""
+
+    @abstractmethod
+    async def requeue(self, deliveries: Sequence[Delivery], delay: float = 0.0) -> None:
+        """Give messages back to their queue, visible again after `delay` seconds."""
+
+    @abstractmethod
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move an unusable message (undecodable, malformed) aside, keeping the reason."""
+
+    async def renew(self, deliveries: Sequence[Delivery]) -> None:
+        """Extend the claim on messages still being worked on (leased brokers)."""
+
+    async def settle(self, deliveries: Sequence[Delivery]) -> None:
+        """Wait until these deliveries are fully claimed (receipt and attempts known).
+
+        A driver may hand out a message before its claim completes so that the task starts a
+        round trip sooner; ack(), requeue(), renew() and dead_letter() settle by themselves.
+        """
+
+    def claim_soon(self, delivery: Delivery) -> None:
+        """Start the claim of a delivery handed out before it, without waiting: for a task whose
+        ack must wait for more than its state (follow-up sends), claimed meanwhile."""
+
+    def unclaimed(self, delivery: Delivery) -> bool:
+        """Whether the delivery was handed out before any claim and still has none (its ack then
+        holds up the next fetch, so it should not wait for company)."""
+        return False
+
+    def hold(self, delivery: Delivery) -> bool:
+        """Whether the delivery can be acked in a result backend's joint commit now, without
+        waiting for its claim; a driver may reserve it for that commit (see the Redis broker)."""
+        return True
+
+    @abstractmethod
+    async def pending(self, queue: str) -> list[bytes]:
+        """The bodies waiting in `queue`, oldest first, without consuming them."""
+
+    async def delayed(self) -> list[bytes]:
+        """The bodies of messages held back by an ETA."""
+        return []
+
+    async def dead_letters(self) -> list[tuple[bytes, str]]:
+        """(body, reason) of dead-lettered messages, where the driver keeps them readable."""
+        return []
+
+    async def close(self) -> None:
+        """Release connections of the current event loop."""
+
+    def blocking_publish(self) -> BlockingPublish | None:
+        """The sync facade's direct publish of one message, without the portal's thread hop
+        (used when the result backend stores nothing); None (the default) goes through the portal."""
+        return None
+
+    # --- conveniences built on the primitives ----------------------------------------------
+
+    async def aget_pending_tasks(self, queue: str = "") -> list[Signature]:
+        return [decode_signature(b) for b in await self.pending(queue or self.cnf.default_queue)]
+
+    def get_pending_tasks(self, queue: str = "") -> list[Signature]:
+        """Signatures waiting in `queue` (default queue when empty), oldest first."""
+        return self._run(self.aget_pending_tasks(queue))
+
+    async def aget_delayed_tasks(self) -> list[Signature]:
+        return [decode_signature(b) for b in await self.delayed()]
+
+    def get_delayed_tasks(self) -> list[Signature]:
+        """Signatures held back until their ETA."""
+        return self._run(self.aget_delayed_tasks())

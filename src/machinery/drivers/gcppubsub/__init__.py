@@ -1,0 +1,1 @@
+"""GCP Pub/Sub (`gcppubsub://PROJECT/SUBSCRIPTION`): broker over google-cloud-pubsub."""

@@ -1,0 +1,1 @@
+"""Memcache (`memcache://`): result backend over aiomcache."""

@@ -1,0 +1,3 @@
+"""Redis (`redis://`, `rediss://`, `redis+socket://`, Sentinel, Cluster): broker, result backend
+and lock, with Go Machinery's keys and scripts.
+"""

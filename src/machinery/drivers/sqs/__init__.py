@@ -1,0 +1,1 @@
+"""AWS SQS (`https://sqs...`, `sqs://`): broker over aiobotocore, Go Machinery's message layout."""
