@@ -7,11 +7,13 @@ folder sits beside the repository (../shared/reference/golden), the copy must eq
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from goldens import GOLDEN, LOCAL_GOLDEN, SHARED_GOLDEN, golden, golden_names
+from machinery import Config, Server
 from machinery.tasks import gojson
 from machinery.tasks.signature import Arg, Signature, decode_signature, encode_signature
 from machinery.tasks.state import (
@@ -27,7 +29,7 @@ from machinery.tasks.state import (
     encode_group_meta,
     encode_state,
 )
-from machinery.tasks.workflow import Chain
+from machinery.tasks.workflow import Chain, Chord, Group
 
 GOLDEN_FILES = golden_names()
 SIGNATURE_FILES = golden_names("signature_")
@@ -308,3 +310,55 @@ def test_fresh_state_with_plain_nanosecond_time() -> None:
 def test_fresh_group_meta_matches_go() -> None:
     meta = GroupMeta("group_77a", ["task_m1", "task_m2"], created_at=CREATED)
     assert encode_group_meta(meta) == golden("group_meta.json")
+
+
+# --- what a send puts on the wire: nested signatures as Go's SendChain / SendChord leave them -------
+
+
+def _sent_bodies(send: Callable[[Server], object]) -> list[bytes]:
+    server = Server(Config(broker="memory://", result_backend="memory://"))
+    try:
+        send(server)
+        return server.portal.run(server.get_broker().pending("machinery_tasks"))
+    finally:
+        server.close()
+
+
+def test_a_sent_chain_leaves_its_inner_links_unrouted_as_go_does() -> None:
+    """Inner links keep RoutingKey "" and Headers null, so the worker that sends each one routes it
+    to its own default queue, as a Go worker does."""
+    chain = Chain(Signature("add", args=[1, 1], uuid="task_c1"), Signature("add", args=[5, 5], uuid="task_c2"),
+                  Signature("multiply", args=[4], uuid="task_c3"))
+    (body,) = _sent_bodies(lambda server: server.send_chain(chain))
+    assert body == golden("signature_chain.json")
+
+
+def test_a_sent_chord_member_carries_its_callback_as_go_does() -> None:
+    """The embedded callback has RoutingKey "" and Headers {} (Go's SendChord gives the callback an
+    empty carrier for its span); the member itself is routed and has headers."""
+    group = Group(Signature("add", args=[1, 1], uuid="task_m1"), Signature("add", args=[2, 2], uuid="task_m2"),
+                  group_uuid="group_77a")
+    chord = Chord(group, Signature("multiply", uuid="chord_9f1"))
+    first, _second = _sent_bodies(lambda server: server.send_chord(chord))
+    expected = golden("signature_chord_member.json").replace(
+        b'"Name":"multiply","RoutingKey":"","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":null,"Headers":null',
+        b'"Name":"multiply","RoutingKey":"","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":null,"Headers":{}')
+    assert expected != golden("signature_chord_member.json")
+    assert first == expected
+
+
+def test_byte_results_are_stored_as_go_types_them() -> None:
+    """Go types a result by reflection, so a []byte result is "[]uint8"; both spellings read back."""
+    state = TaskState("task_b", SUCCESS, task_name="raw", results=[TaskResult("[]byte", b"\x00\xff")],
+                      created_at=CREATED)
+    data = encode_state(state)
+    assert b'"Results":[{"Type":"[]uint8","Value":"AP8="}]' in data
+    assert decode_state(data).results[0].python_value() == b"\x00\xff"
+    assert decode_state(data.replace(b"[]uint8", b"[]byte")).results[0].python_value() == b"\x00\xff"
+
+
+def test_stored_times_carry_nanoseconds_as_go_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gojson.time, "time_ns", lambda: 1_735_787_045_123_456_789)
+    assert gojson.format_time(gojson.now()) == "2025-01-02T03:04:05.123456789Z"
+    state = TaskState("task_0c1f", PENDING, task_name="add", created_at=gojson.now())
+    assert encode_state(state) == golden("state_pending.json")

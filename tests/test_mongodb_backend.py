@@ -85,7 +85,7 @@ async def test_success_document_has_go_shape(backend: MongoBackend, raw: Any) ->
     assert set(doc) == {"_id", "task_name", "state", "results", "error", "created_at", "created_at_ns", "delete_at"}
     assert (doc["task_name"], doc["state"], doc["error"]) == ("add", SUCCESS, "")
     assert doc["created_at"] == datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=UTC)  # BSON dates hold ms
-    assert [r["type"] for r in doc["results"]] == ["int64", "string", "int32", "float64", "[]byte", "[]int64"]
+    assert [r["type"] for r in doc["results"]] == ["int64", "string", "int32", "float64", "[]uint8", "[]int64"]
     values = [r["value"] for r in doc["results"]]
     assert isinstance(values[0], Int64) and values[0] == 2  # Go's driver writes int64 as int64 ...
     assert values[1] == '{"a": 1}'  # ... a string as the string (Go made it {type: "json"}) ...

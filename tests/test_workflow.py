@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -358,3 +360,37 @@ def test_a_chain_wait_times_out_naming_the_chain() -> None:
         assert 0.3 <= time.monotonic() - started < 1.0
     finally:
         server.close()
+
+
+# --- routing of nested links: the sending worker's default queue, as in Go ------------------------
+
+
+def test_unrouted_chain_links_and_callbacks_go_to_the_default_queue_of_the_worker_that_sends_them(
+        tmp_path: Path) -> None:
+    from machinery import Config, Server
+
+    url = f"sqlite:///{tmp_path / 'q.sqlite3'}"
+    producer = Server(Config(broker=url, result_backend=url, default_queue="producer_q"))
+    worker_side = Server(Config(broker=url, result_backend=url, default_queue="worker_q"))
+    worker_side.register_task("add", lambda *xs: sum(xs))
+    try:
+        chain = producer.send_chain(Chain(sig("add", 1, 2), sig("add", 10)))
+        chord = producer.send_chord(Chord(Group(sig("add", 1, 1), sig("add", 2, 2)), sig("add", 100)))
+        worker = worker_side.new_worker("w", concurrency=2, queue="producer_q")
+        worker.launch_async()
+        try:
+            assert [r.get(timeout=30) for r in chord.group_async_results] == [2, 4]
+            assert chain.async_results[0].get(timeout=30) == 3
+            broker = worker_side.get_broker()
+            deadline = time.monotonic() + 30
+            while len(broker.get_pending_tasks("worker_q")) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            waiting = sorted(broker.get_pending_tasks("worker_q"), key=lambda s: len(s.args))
+        finally:
+            worker.quit()
+    finally:
+        producer.close()
+        worker_side.close()
+    # the chain's next link and the chord callback, sent by the worker, wait in the worker's queue
+    assert [(s.routing_key, [a.value for a in s.args]) for s in waiting] == [
+        ("worker_q", [10, 3]), ("worker_q", [100, 2, 4])]

@@ -6,7 +6,6 @@ import asyncio
 import os
 import uuid as _uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, overload
 
 from machinery.config import Config
@@ -147,6 +146,15 @@ class Server:
         if sig.headers is None:
             sig.headers = {}
 
+    def _prepare_nested(self, sig: Signature) -> None:
+        """A signature that travels inside another (a chain link, a chord callback) gets only its
+        UUID now: as in Go, its queue and headers stay empty until it is sent, so the default
+        queue of the worker that sends it applies."""
+        if not isinstance(sig, Signature):
+            raise MachineryError(f"expected a Signature, got {type(sig).__name__}")
+        if not sig.uuid:
+            sig.uuid = new_task_uuids(1)[0]
+
     async def dispatch(self, sigs: Sequence[Signature], *, init_groups: bool = False) -> None:
         """Store PENDING for every signature, then publish them all (batched).
 
@@ -171,7 +179,7 @@ class Server:
             list[TaskState], list[tuple[Signature, bytes, int | None]], dict[str, list[str]]]:
         """Fill in UUIDs, queues and headers; the PENDING states, the encoded messages and the
         groups to record (with init_groups)."""
-        now = datetime.now(UTC)
+        now = gojson.now()
         queue = self.cnf.default_queue
         items: list[tuple[Signature, bytes, int | None]] = []
         states: list[TaskState] = []
@@ -266,7 +274,9 @@ class Server:
         """Send the chord's group; the callback is sent by the worker that completes the group."""
         if not isinstance(chord, Chord):
             raise MachineryError(f"send_chord needs a Chord, got {type(chord).__name__}")
-        self._prepare(chord.callback)
+        self._prepare_nested(chord.callback)
+        if chord.callback.headers is None:  # Go's SendChord gives the callback headers (its span's carrier)
+            chord.callback.headers = {}
         with self.tracing.send("SendChord", workflow="chord"):
             results = await self.asend_group(chord.group, send_concurrency)
         return ChordAsyncResult(results, AsyncResult(chord.callback, self._backend, self.portal), self.portal)
@@ -282,10 +292,10 @@ class Server:
         steps: list[AsyncResult | GroupAsyncResult] = []
         for step in chain.steps:
             if isinstance(step, Signature):
-                self._prepare(step)
+                self._prepare_nested(step)
                 steps.append(AsyncResult(step, self._backend, self.portal))
             elif isinstance(step, Chord):
-                self._prepare(step.callback)
+                self._prepare_nested(step.callback)
                 steps.append(AsyncResult(step.callback, self._backend, self.portal))
             else:
                 steps.append(GroupAsyncResult(

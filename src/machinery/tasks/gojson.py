@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
@@ -180,6 +181,14 @@ class Timestamp(datetime):
         ts = cls(dt.year, dt.month, dt.day, dt.hour, dt.minute, dt.second, dt.microsecond, dt.tzinfo)
         ts.nanosecond = extra_ns
         return ts
+
+
+def now() -> Timestamp:
+    """The current UTC time to the nanosecond, as Go's time.Now() stamps what it stores (a plain
+    datetime keeps microseconds only)."""
+    ns = time.time_ns()
+    seconds, rest = divmod(ns, 1_000_000_000)
+    return Timestamp.with_nanos(datetime.fromtimestamp(seconds, UTC).replace(microsecond=rest // 1000), rest % 1000)
 
 
 _last_time: tuple[datetime, int, str] | None = None  # format_time's last call: a batch shares one time

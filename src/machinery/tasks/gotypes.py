@@ -188,6 +188,12 @@ def to_wire(type_name: str, value: Any) -> Any:
     raise ArgTypeError(f"{type_name} is not one of supported types")
 
 
+def stored_result_type(type_name: str) -> str:
+    """The type string a stored result carries: Go names a result's type by reflection, where
+    []byte is []uint8, so results are stored as Go stores them (both spellings read back alike)."""
+    return "[]uint8" if type_name == "[]byte" else type_name
+
+
 # --- inference -----------------------------------------------------------------------------
 
 _SCALAR_OF: Final[dict[type, str]] = {bool: "bool", int: "int64", float: "float64", str: "string"}

@@ -9,7 +9,7 @@ import msgspec
 
 from machinery.errors import DecodeError
 from machinery.tasks import gojson
-from machinery.tasks.gotypes import infer_type, to_python, to_wire
+from machinery.tasks.gotypes import infer_type, stored_result_type, to_python, to_wire
 
 PENDING: Final = "PENDING"
 RECEIVED: Final = "RECEIVED"
@@ -142,7 +142,7 @@ class GroupMeta:
 
 
 def _result_wire(r: TaskResult) -> dict[str, Any]:
-    return {"Type": r.type, "Value": to_wire(r.type, r.value)}
+    return {"Type": stored_result_type(r.type), "Value": to_wire(r.type, r.value)}
 
 
 def encode_state(s: TaskState) -> bytes:

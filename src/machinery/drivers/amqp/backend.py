@@ -29,7 +29,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 from uuid import uuid4
 
@@ -51,6 +50,7 @@ from machinery.drivers.backend import Backend, GroupProgress
 from machinery.errors import BackendError, DecodeError
 from machinery.log import get_logger
 from machinery.loops import PerLoop
+from machinery.tasks import gojson
 from machinery.tasks.state import (
     PENDING,
     GroupMeta,
@@ -477,7 +477,7 @@ class AMQPBackend(Backend):
                 created = decode_group_meta(old[-1].body).created_at if old else None
             except DecodeError:
                 created = None
-            meta = GroupMeta(group_uuid, list(task_uuids), created_at=created or datetime.now(UTC))
+            meta = GroupMeta(group_uuid, list(task_uuids), created_at=created or gojson.now())
             await self._publish(st, name, encode_group_meta(meta))
             if old:
                 await ch.basic_ack(delivery_tag(old[-1]), multiple=True)

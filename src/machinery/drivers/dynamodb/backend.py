@@ -33,7 +33,6 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from machinery.drivers.backend import Backend, GroupProgress
@@ -228,7 +227,7 @@ class DynamoDBBackend(Backend):
     async def init_group(self, group_uuid: str, task_uuids: Sequence[str]) -> None:
         """Create the group; an existing live one keeps its progress (its TTL is renewed)."""
         ttl = self._ttl()
-        meta = GroupMeta(group_uuid, list(task_uuids), created_at=datetime.now(UTC))
+        meta = GroupMeta(group_uuid, list(task_uuids), created_at=gojson.now())
         if await self._put_if_fresh(self.group_table, "GroupUUID", items.group_item(meta, ttl)):
             return
         try:

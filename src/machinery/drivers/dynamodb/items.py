@@ -26,7 +26,7 @@ import msgspec
 
 from machinery.errors import ArgTypeError, DecodeError
 from machinery.tasks import gojson
-from machinery.tasks.gotypes import BYTES_TYPES, FLOAT_BITS, INT_RANGES, SLICE_TYPES, to_wire
+from machinery.tasks.gotypes import BYTES_TYPES, FLOAT_BITS, INT_RANGES, SLICE_TYPES, stored_result_type, to_wire
 from machinery.tasks.state import GroupMeta, TaskResult, TaskState
 
 Item = dict[str, Any]
@@ -57,7 +57,7 @@ def result_value(result: TaskResult) -> str:
 def results_attr(results: list[TaskResult] | None) -> dict[str, Any]:
     if results is None:
         return {"NULL": True}
-    return {"L": [{"M": {"Type": s(r.type), "Value": s(result_value(r))}} for r in results]}
+    return {"L": [{"M": {"Type": s(stored_result_type(r.type)), "Value": s(result_value(r))}} for r in results]}
 
 
 def state_item(state: TaskState, ttl: int) -> Item:

@@ -35,7 +35,6 @@ import math
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiomcache
@@ -44,6 +43,7 @@ from aiomcache.exceptions import ClientException, ValidationException
 from machinery.drivers.backend import Backend, GroupProgress
 from machinery.errors import BackendError, ConfigError, DecodeError
 from machinery.loops import PerLoop
+from machinery.tasks import gojson
 from machinery.tasks.state import (
     PENDING,
     GroupMeta,
@@ -332,7 +332,7 @@ class MemcacheBackend(Backend):
         """Create the group; an existing live one keeps its progress and chord flag."""
         key = group_uuid.encode()
         expires = self._expiry()
-        meta = GroupMeta(group_uuid, list(task_uuids), created_at=datetime.now(UTC))
+        meta = GroupMeta(group_uuid, list(task_uuids), created_at=gojson.now())
         if await self._add(key, encode_group_meta(meta), expires):
             progress = self._progress_key(group_uuid)  # reset what an expired namesake left
             await self._call(key, self._group_client(group_uuid).set, progress, b"0", expires)

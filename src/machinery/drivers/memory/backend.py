@@ -9,10 +9,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from machinery.drivers.backend import Backend, GroupProgress
+from machinery.tasks import gojson
 from machinery.tasks.state import PENDING, GroupMeta, TaskState
 from machinery.waiters import Waiters
 
@@ -83,7 +83,7 @@ class MemoryBackend(Backend):
         with self._lock:
             group = self._group(group_uuid)
             if group is None:
-                group = _Group(GroupMeta(group_uuid, list(task_uuids), created_at=datetime.now(UTC)))
+                group = _Group(GroupMeta(group_uuid, list(task_uuids), created_at=gojson.now()))
             else:  # a live group keeps its progress: a redelivered parent may send it again
                 group.meta.task_uuids = list(task_uuids)
             self._groups[group_uuid] = (self._expiry(), group)
@@ -101,7 +101,7 @@ class MemoryBackend(Backend):
         with self._lock:
             group = self._group(group_uuid)
             if group is None:
-                group = _Group(GroupMeta(group_uuid, [], created_at=datetime.now(UTC)))
+                group = _Group(GroupMeta(group_uuid, [], created_at=gojson.now()))
                 self._groups[group_uuid] = (self._expiry(), group)
             if task_uuid in group.seen:
                 return GroupProgress(group.done, group.failed, False)

@@ -32,7 +32,16 @@ from bson import Decimal128, Int64
 
 from machinery.errors import ArgTypeError
 from machinery.tasks import gojson
-from machinery.tasks.gotypes import BYTES_TYPES, FLOAT_BITS, INT_RANGES, JSON_TYPE, SLICE_TYPES, to_python, to_wire
+from machinery.tasks.gotypes import (
+    BYTES_TYPES,
+    FLOAT_BITS,
+    INT_RANGES,
+    JSON_TYPE,
+    SLICE_TYPES,
+    stored_result_type,
+    to_python,
+    to_wire,
+)
 from machinery.tasks.state import GroupMeta, TaskResult, TaskState
 
 Doc = dict[str, Any]
@@ -110,7 +119,7 @@ def plain(value: Any) -> Any:
 def results_value(results: list[TaskResult] | None) -> list[Doc] | None:
     if results is None:
         return None
-    return [{"type": r.type, "value": bson_value(r.type, r.value)} for r in results]
+    return [{"type": stored_result_type(r.type), "value": bson_value(r.type, r.value)} for r in results]
 
 
 def _result(entry: Any) -> TaskResult:

@@ -15,7 +15,6 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from machinery.drivers.backend import (
@@ -435,7 +434,7 @@ class RedisBackend(Backend):
     @_wrap
     async def init_group(self, group_uuid: str, task_uuids: Sequence[str]) -> None:
         """Create the group; a live one keeps its progress (a redelivered parent may send it again)."""
-        meta = GroupMeta(group_uuid, list(task_uuids), created_at=datetime.now(UTC))
+        meta = GroupMeta(group_uuid, list(task_uuids), created_at=gojson.now())
         client = await self._client()
         if await client.set(group_uuid, encode_group_meta(meta), ex=self.expire_in, nx=True):
             await client.delete(self._progress_key(group_uuid))  # left over from an expired namesake
