@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from machinery import loops
+from machinery import loops, workflows
 from machinery.committer import Committer
 from machinery.context import TaskContext
 from machinery.errors import ArgTypeError, DecodeError, MachineryError, RetryTaskLater
@@ -26,7 +26,7 @@ from machinery.log import get_logger
 from machinery.retry import fibonacci_next
 from machinery.tasks import gojson
 from machinery.tasks.gotypes import to_wire
-from machinery.tasks.signature import Arg, Signature, decode_signature, encode_signature
+from machinery.tasks.signature import Signature, decode_signature, encode_signature
 from machinery.tasks.state import FAILURE, RECEIVED, RETRY, STARTED, SUCCESS, TaskResult, TaskState
 from machinery.threads import SyncRunner
 
@@ -375,13 +375,10 @@ class Worker:
     async def _succeed(self, d: Delivery, sig: Signature, results: list[TaskResult]) -> None:
         assert self._committer is not None
         state = TaskState(sig.uuid, SUCCESS, task_name=sig.name, results=results)
-        if not sig.on_success and not (sig.group_uuid and sig.chord_callback is not None):
+        if not sig.on_success and not workflows.in_chord(sig):
             await self._committer.store(state, ack=d)  # nothing follows: the ack goes with the state
             return
-        follow = list(sig.on_success or ())
-        if not sig.immutable:
-            for cb in follow:
-                cb.args.extend(Arg(r.type, r.value) for r in results)
+        follow = workflows.success_follow_ups(sig, results)
         plan = self.server.plan_follow_ups(follow) if follow and self._committer.carries_sends else None
         if plan is not None:  # a chain's next link: sent right after this state, one round trip
             await self._committer.store(state, send=plan)
@@ -390,35 +387,31 @@ class Worker:
             await self._committer.store(state)
             if follow:
                 await self.server.dispatch(follow, init_groups=True)
-        if sig.group_uuid and sig.chord_callback is not None:
-            await self._chord_member_done(sig, "")
+        if workflows.in_chord(sig):
+            await self._chords().member_done(sig, "")
         self._committer.ack(d)
 
     async def _fail(self, d: Delivery, sig: Signature, error: str, exc: BaseException, retry: bool) -> None:
-        if retry and sig.retry_count > 0:
-            sig.retry_count -= 1
-            sig.retry_timeout = fibonacci_next(sig.retry_timeout)
+        delay = workflows.next_retry(sig) if retry else None
+        if delay is not None:
             get_logger().warning("task %s (%s) failed, retry in %d s: %s", sig.name, sig.uuid,
                                  sig.retry_timeout, error)
-            await self._retry(d, sig, error, timedelta(seconds=sig.retry_timeout))
+            await self._retry(d, sig, error, delay)
             return
         assert self._committer is not None
         get_logger().error("task %s (%s) failed: %s", sig.name, sig.uuid, error,
                            exc_info=(type(exc), exc, exc.__traceback__))
         state = TaskState(sig.uuid, FAILURE, task_name=sig.name, error=error)
-        if not (sig.on_error or (sig.group_uuid and sig.chord_callback is not None)
-                or sig.stop_task_deletion_on_error):
+        if not (sig.on_error or workflows.in_chord(sig) or sig.stop_task_deletion_on_error):
             await self._committer.store(state, ack=d)  # nothing follows: the ack goes with the state
             await self._report(exc)
             return
         await self._committer.store(state)
         await self._report(exc)
         if sig.on_error:
-            for cb in sig.on_error:
-                cb.args.insert(0, Arg("string", error))
-            await self.server.dispatch(list(sig.on_error), init_groups=True)
-        if sig.group_uuid and sig.chord_callback is not None:
-            await self._chord_member_done(sig, error)
+            await self.server.dispatch(workflows.error_follow_ups(sig, error), init_groups=True)
+        if workflows.in_chord(sig):
+            await self._chords().member_done(sig, error)
         if sig.stop_task_deletion_on_error:
             await self.server.get_broker().dead_letter(d, error)
         else:
@@ -432,70 +425,11 @@ class Worker:
         await self.server.get_broker().publish(sig, encode_signature(sig), gojson.time_ns(sig.eta))
         self._committer.ack(d)
 
-    async def _chord_member_done(self, sig: Signature, error: str) -> None:
-        """Count the member; the one call that completes the group fires (or fails) the callback.
-
-        A member redelivered after its worker died between counting and sending the callback is
-        not counted again; it sends the callback itself when no state for the callback exists yet,
-        so a crash in that window does not lose the chord.
-        """
-        backend = self.server.get_backend()
-        callback = sig.chord_callback
-        assert callback is not None and self._committer is not None
-        failed = bool(error)
-        progress = await backend.group_member_done(sig.group_uuid, sig.uuid, sig.group_task_count, failed)
-        if failed:
-            if progress.counted and progress.failed == 1:
-                await self._fail_chord(callback, f"chord member {sig.name} ({sig.uuid}) failed: {error}")
-            return
-        if progress.failed:
-            return
-        uuids: list[str] = []  # the members, and their states once read
-        states: list[TaskState | None] | None = None
-        if progress.done < sig.group_task_count:
-            if not self.server.cnf.go_chord_members:
-                return
-            meta = await backend.get_group_meta(sig.group_uuid)  # members Go ran are not counted
-            if meta is None:
-                return
-            uuids = meta.task_uuids
-            states = await backend.get_states(uuids)
-            outcome = _members_outcome(uuids, states)
-            if outcome is None:
-                return
-            if outcome:  # a member failed on a Go worker (Go does not fail the chord): fail it once
-                if await backend.trigger_chord(sig.group_uuid):
-                    await self._fail_chord(callback, outcome)
-                return
-        if progress.counted:
-            if not await backend.trigger_chord(sig.group_uuid):
-                return
-        elif await backend.get_state(callback.uuid) is not None:
-            return  # already sent by the member that completed the group
-        if states is None:
-            meta = await backend.get_group_meta(sig.group_uuid)
-            if meta is None:
-                await self._fail_chord(callback, f"group {sig.group_uuid} is unknown or expired; chord not sent")
-                return
-            uuids = meta.task_uuids
-        if not callback.immutable:
-            if states is None:
-                states = await backend.get_states(uuids)
-            for uuid, state in zip(uuids, states, strict=True):
-                if state is None or state.state != SUCCESS:
-                    await self._fail_chord(callback, f"chord member {uuid} has no stored result")
-                    return
-                callback.args.extend(Arg(r.type, r.value) for r in state.results or [])
-        await self.server.dispatch([callback], init_groups=True)
-
-    async def _fail_chord(self, callback: Signature, error: str) -> None:
-        assert self._committer is not None
-        get_logger().error("chord callback %s (%s) will not run: %s", callback.name, callback.uuid, error)
-        await self._committer.store(TaskState(callback.uuid, FAILURE, task_name=callback.name, error=error))
-        if callback.on_error:
-            for cb in callback.on_error:
-                cb.args.insert(0, Arg("string", error))
-            await self.server.dispatch(list(callback.on_error), init_groups=True)
+    def _chords(self) -> workflows.Chords:
+        committer = self._committer
+        assert committer is not None
+        return workflows.Chords(self.server.get_backend(), self.server, committer.store,
+                                go_members=self.server.cnf.go_chord_members)
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -508,17 +442,6 @@ class Worker:
             await _maybe_await(fn(arg))
         except Exception as exc:
             get_logger().error("handler %r raised: %s", fn, exc)
-
-
-def _members_outcome(uuids: list[str], states: list[TaskState | None]) -> str | None:
-    """From a group's stored states: None while any member runs, "" when all succeeded, else why
-    the chord fails."""
-    if any(state is None or not state.is_completed() for state in states):
-        return None
-    for uuid, state in zip(uuids, states, strict=True):
-        if state is not None and state.state != SUCCESS:
-            return f"chord member {uuid} failed: {state.error}"
-    return ""
 
 
 async def _maybe_await(value: Any) -> Any:
