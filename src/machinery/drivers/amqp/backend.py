@@ -36,6 +36,7 @@ import msgspec
 from aiormq import exceptions as amqp_exc
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
+from machinery.drivers.amqp import go_groups
 from machinery.drivers.amqp.connection import (
     TRANSIENT_ERRORS,
     AMQPLink,
@@ -52,7 +53,9 @@ from machinery.log import get_logger
 from machinery.loops import PerLoop
 from machinery.tasks import gojson
 from machinery.tasks.state import (
+    FAILURE,
     PENDING,
+    SUCCESS,
     GroupMeta,
     TaskState,
     decode_group_meta,
@@ -462,6 +465,13 @@ class AMQPBackend(Backend):
 
         return await st.link.call(run, what=f"{what} of group {group}")
 
+    async def _publish_state(self, st: _LoopState, ch: AbstractChannel, queue: str, body: bytes) -> None:
+        """Publish a TaskState to a queue of Go's state layout (a task's, or Go's group queue)."""
+        await self._declare_state_queue(st, ch, queue, bind=True)
+        pub = await st.link.channel("publish", confirms=True)
+        await publish(pub, body, exchange=self.cnf.amqp.exchange if self._routed else "", routing_key=queue,
+                      props=properties(headers=None))
+
     async def _publish(self, st: _LoopState, queue: str, body: bytes, headers: dict[str, Any] | None = None) -> None:
         pub = await st.link.channel("publish", confirms=True)
         await publish(pub, body, exchange="", routing_key=queue, props=properties(headers=headers))
@@ -487,9 +497,14 @@ class AMQPBackend(Backend):
     async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
         async def op(st: _LoopState, ch: AbstractChannel) -> GroupMeta | None:
             msgs = await self._group_queue(ch, f"{group_uuid}_meta")
-            if not msgs:
-                return None
-            meta = decode_group_meta(msgs[-1].body)
+            if msgs:
+                meta = decode_group_meta(msgs[-1].body)
+            else:  # a Go producer's group has no record: its members in Go's order (completion)
+                await go_groups.declare(ch, group_uuid, self._args())
+                held = await go_groups.read(ch, group_uuid)
+                if not held:
+                    return None
+                meta = GroupMeta(group_uuid, [state.task_uuid for _, state in held])
             meta.chord_triggered = bool(await self._group_queue(ch, f"{group_uuid}_chord_triggered"))
             return meta
 
@@ -497,7 +512,11 @@ class AMQPBackend(Backend):
         return result
 
     async def group_member_done(self, group_uuid: str, task_uuid: str, total: int, failed: bool) -> GroupProgress:
+        """Count the member in `<group>_progress` (once per task) and publish its final state to
+        Go's group queue, then report the larger of the two counts: Go workers count in the queue
+        only. Once the queue holds every member, its states also tell which failed on Go."""
         name = f"{group_uuid}_progress"
+        stored = await self.get_state(task_uuid)  # the final state just stored: Go counts it
 
         async def op(st: _LoopState, ch: AbstractChannel) -> GroupProgress:
             msgs = await self._group_queue(ch, name)
@@ -513,7 +532,18 @@ class AMQPBackend(Backend):
                 await self._publish(st, name, msgspec.json.encode(_Progress(done)))
                 if msgs:
                     await ch.basic_ack(delivery_tag(msgs[-1]), multiple=True)
-            return GroupProgress(len(done), sum(done.values()), counted)
+            if counted:
+                final = stored if stored is not None and stored.is_completed() else TaskState(
+                    task_uuid, FAILURE if failed else SUCCESS)
+                await self._publish_state(st, ch, group_uuid, final.to_json())
+            done_n, failed_n = len(done), sum(done.values())
+            waiting = await go_groups.declare(ch, group_uuid, self._args())
+            if waiting >= total:  # complete by Go's count: its states show members failed on Go
+                states = [state for _, state in await go_groups.read(ch, group_uuid)]
+                done_n, failed_n = max(done_n, len(states)), max(failed_n, go_groups.failures(states))
+            else:
+                done_n = max(done_n, waiting)
+            return GroupProgress(done_n, failed_n, counted)
 
         result: GroupProgress = await self._grouped(group_uuid, "count a member", op)
         return result
@@ -527,10 +557,20 @@ class AMQPBackend(Backend):
             flags = await self._group_queue(ch, flag)
             if flags:
                 return any(m.body == token for m in flags)
-            if not (await self._group_queue(ch, f"{group_uuid}_meta")
-                    or await self._group_queue(ch, f"{group_uuid}_progress")):
+            try:  # hold Go's group queue while deciding: a Go worker counting now sees it short
+                await go_groups.declare(ch, group_uuid, self._args())
+                held = await go_groups.read(ch, group_uuid)
+            except amqp_exc.ChannelAccessRefused:
+                return False  # a Go worker's GroupTaskStates consumes it: that worker fires the chord
+            metas = await self._group_queue(ch, f"{group_uuid}_meta")
+            if not (metas or held or await self._group_queue(ch, f"{group_uuid}_progress")):
                 return False
-            await self._publish(st, flag, token)
+            await self._publish(st, flag, token)  # Go's TriggerChord now says no
+            if not metas and held:  # a Go producer's chord: its callback takes results in completion order
+                meta = GroupMeta(group_uuid, [state.task_uuid for _, state in held], created_at=gojson.now())
+                await self._publish(st, f"{group_uuid}_meta", encode_group_meta(meta))
+            for msg, _ in held:  # taken, as Go's GroupTaskStates takes them
+                await ch.basic_ack(delivery_tag(msg))
             return True
 
         result: bool = await self._grouped(group_uuid, "trigger the chord", op)
