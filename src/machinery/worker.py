@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from machinery import loops, workflows
 from machinery.committer import Committer
 from machinery.context import TaskContext
-from machinery.errors import ArgTypeError, DecodeError, MachineryError, RetryTaskLater
+from machinery.errors import ArgTypeError, BackendError, BrokerError, DecodeError, MachineryError, RetryTaskLater
 from machinery.log import get_logger
 from machinery.retry import fibonacci_next
 from machinery.tasks import gojson
@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 
 MAX_FETCH_BATCH = 256
 UNLIMITED_THREADS = 64
+#: seconds before a message whose handling met a broker or backend error is tried again, and
+#: the delivery after which even such a message is ended (FAILURE or dead letter)
+BROKEN_RETRY_DELAY = 5.0
+BROKEN_ATTEMPTS = 5
+#: errors of the servers, not of the message: worth another try
+_PASSING = (BrokerError, BackendError, ConnectionError, TimeoutError)
 UNKNOWN_TASK_DELAY = 1.0
 
 
@@ -292,19 +298,63 @@ class Worker:
     # --- one message -----------------------------------------------------------------------
 
     async def _handle(self, d: Delivery) -> None:
-        broker = self.server.get_broker()
+        """Run one message to its end. Whatever goes wrong on the way (decoding, planning, running,
+        retrying, storing) ends the message here, so none is left unsettled to come back forever
+        or to hold a prefetch slot: FAILURE where it has a UUID, else the dead letters."""
+        sig: Signature | None = None
         try:
-            sig = decode_signature(d.body)
-        except DecodeError as exc:
-            get_logger().error("dead-lettering an undecodable message from %s: %s", d.queue, exc)
-            await broker.dead_letter(d, str(exc))
+            try:
+                sig = decode_signature(d.body)
+                if not sig.uuid:
+                    raise DecodeError("message has no UUID: its state could not be stored")
+            except DecodeError as exc:
+                sig = None
+                get_logger().error("dead-lettering an undecodable message from %s: %s", d.queue, exc)
+                await self.server.get_broker().dead_letter(d, str(exc))
+                await self._report(exc)
+                return
+            spec = self.server.find_task(sig.name)
+            if spec is None:
+                await self._unknown(d, sig)
+                return
+            await self._run(d, sig, spec)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._end_broken(d, sig, exc)
+
+    async def _end_broken(self, d: Delivery, sig: Signature | None, exc: Exception) -> None:
+        """The last word on a message whose handling raised: FAILURE with the reason where it has a
+        UUID, else a dead letter; if even that cannot be written, the message goes back to the
+        queue after a pause (settled, not held), to be tried again."""
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        broker = self.server.get_broker()
+        if isinstance(exc, _PASSING) and d.attempts < BROKEN_ATTEMPTS:
+            # the broker or backend failed, not the message: let it come back later, settled now
+            get_logger().error("message %s from %s goes back to its queue: %s", sig.uuid if sig else "?",
+                               d.queue, reason)
+            try:
+                await broker.requeue([d], BROKEN_RETRY_DELAY)
+            except Exception as lost:
+                get_logger().error("could not give the message back (the broker redelivers it): %s", lost)
             await self._report(exc)
             return
-        spec = self.server.find_task(sig.name)
-        if spec is None:
-            await self._unknown(d, sig)
-            return
-        await self._run(d, sig, spec)
+        get_logger().error("ending message %s from %s: %s", sig.uuid if sig else "?", d.queue, reason,
+                           exc_info=(type(exc), exc, exc.__traceback__))
+        try:
+            if sig is not None:
+                assert self._committer is not None
+                name = sig.name
+                await self._committer.store(TaskState(sig.uuid, FAILURE, task_name=name, error=reason), ack=d)
+            else:
+                await broker.dead_letter(d, reason)
+        except Exception as again:
+            get_logger().error("could not end message %s: %s; giving it back", sig.uuid if sig else "?", again)
+            try:
+                await broker.requeue([d], BROKEN_RETRY_DELAY)
+            except Exception as lost:
+                get_logger().error("could not give message back either (the broker redelivers it): %s", lost)
+        await self._report(exc)
 
     async def _unknown(self, d: Delivery, sig: Signature) -> None:
         broker = self.server.get_broker()

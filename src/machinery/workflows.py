@@ -31,13 +31,19 @@ class Dispatcher(Protocol):
 StoreState = Callable[[TaskState], Awaitable[None]]
 
 
+#: the longest wait between retries: a message's RetryTimeout is the producer's to set, and a
+#: huge one must neither overflow a date nor park a task for centuries
+MAX_RETRY_DELAY = 7 * 24 * 3600
+
+
 def next_retry(sig: Signature) -> timedelta | None:
     """Go's retry policy for a failed task: with retries left, count one down and wait the next
-    Fibonacci number of seconds after the last wait (1, 2, 3, 5, 8 ...); None when none are left."""
+    Fibonacci number of seconds after the last wait (1, 2, 3, 5, 8 ...), at most a week; None
+    when none are left."""
     if sig.retry_count <= 0:
         return None
     sig.retry_count -= 1
-    sig.retry_timeout = fibonacci_next(sig.retry_timeout)
+    sig.retry_timeout = min(fibonacci_next(max(sig.retry_timeout, 0)), MAX_RETRY_DELAY)
     return timedelta(seconds=sig.retry_timeout)
 
 
@@ -112,6 +118,8 @@ class Chords:
                 return
         if progress.counted:
             if not await backend.trigger_chord(sig.group_uuid):
+                if await backend.get_group_meta(sig.group_uuid) is None:  # never recorded, or expired
+                    await self.fail(callback, f"group {sig.group_uuid} is unknown or expired; chord not sent")
                 return
         elif await backend.get_state(callback.uuid) is not None:
             return  # already sent by the member that completed the group
@@ -121,6 +129,9 @@ class Chords:
                 await self.fail(callback, f"group {sig.group_uuid} is unknown or expired; chord not sent")
                 return
             uuids = meta.task_uuids
+        if sig.uuid not in uuids:  # a record made up on the spot, or another group's
+            await self.fail(callback, f"group {sig.group_uuid} does not list member {sig.uuid}; chord not sent")
+            return
         if not callback.immutable:
             if states is None:
                 states = await backend.get_states(uuids)

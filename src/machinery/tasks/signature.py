@@ -325,6 +325,8 @@ def decode_signature(data: bytes | str) -> Signature:
         raise DecodeError(f"malformed signature: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise DecodeError(f"message is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise DecodeError("message nests JSON too deeply") from None
     if not wire.name:
         raise DecodeError("malformed signature: `Name` is missing or empty")
     return _from_wire(wire)

@@ -224,6 +224,8 @@ def decode_state(data: bytes | str) -> TaskState:
         w = _STATE_DEC.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise DecodeError(f"malformed task state: {exc}") from exc
+    except RecursionError:
+        raise DecodeError("malformed task state: JSON nested too deeply") from None
     return TaskState(
         w.task_uuid,
         w.state,
@@ -240,6 +242,8 @@ def decode_group_meta(data: bytes | str) -> GroupMeta:
         w = _GROUP_DEC.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise DecodeError(f"malformed group meta: {exc}") from exc
+    except RecursionError:
+        raise DecodeError("malformed group meta: JSON nested too deeply") from None
     return GroupMeta(
         w.group_uuid,
         list(w.task_uuids or []),
