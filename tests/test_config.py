@@ -358,13 +358,18 @@ def test_from_yaml_reads_a_file_larger_than_1000_bytes(tmp_path: Path) -> None:
     assert cnf.redis.max_idle == 9
 
 
+def test_yaml_tls_is_a_mapping_of_settings(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config field tls in .*expected a mapping"):
+        Config.from_yaml(write(tmp_path, "tls: true\n"))
+
+
 @pytest.mark.parametrize(
     ("text", "names"),
     [
         ("brokr: redis://x\n", ["brokr", "config.yml"]),
         ("redis:\n  max_idel: 3\n", ["redis.max_idel", "config.yml"]),
         ("amqp:\n  exchange_kind: topic\n", ["amqp.exchange_kind"]),
-        ("tls: true\n", ["tls"]),
+        ("signing_key_olds: [x]\n", ["signing_key_olds"]),
     ],
 )
 def test_from_yaml_unknown_keys_name_the_key(tmp_path: Path, text: str, names: list[str]) -> None:

@@ -243,10 +243,54 @@ class SQLiteConfig(_Section):
         _non_negative(self, "poll_interval_ms", "busy_timeout_ms")
 
 
+@dataclass
+class TLSConfig(_Section):
+    """TLS for every driver's connections where no code hands in an `ssl.SSLContext` (`Config.tls`):
+    from the environment (TLS_*) or YAML (`tls:`). Peers are verified unless `verify` is false."""
+
+    ca_file: str = ""
+    """PEM bundle of the certificate authorities to trust (default: the system's)."""
+    cert_file: str = ""
+    """Client certificate (PEM), for servers that ask for one."""
+    key_file: str = ""
+    """The client certificate's private key (PEM), when not in cert_file."""
+    verify: bool = True
+
+    _prefix = "tls."
+    _env_names = {"ca_file": "TLS_CA_FILE", "cert_file": "TLS_CERT_FILE", "key_file": "TLS_KEY_FILE",
+                  "verify": "TLS_VERIFY"}
+
+    def _validate(self) -> None:
+        if self.key_file and not self.cert_file:
+            raise ConfigError("config field tls.key_file: set tls.cert_file too (the key belongs to a certificate)")
+
+    def is_set(self) -> bool:
+        return bool(self.ca_file or self.cert_file or not self.verify)
+
+    def context(self) -> ssl.SSLContext:
+        """The SSLContext these settings describe; a file that cannot be read is a ConfigError."""
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"config field tls.ca_file: cannot load {self.ca_file!r}: {exc}") from None
+        if self.cert_file:
+            try:
+                ctx.load_cert_chain(self.cert_file, self.key_file or None)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"config field tls.cert_file: cannot load {self.cert_file!r}"
+                                  f"{' with ' + repr(self.key_file) if self.key_file else ''}: {exc}") from None
+        if not self.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
 _SECTIONS: dict[str, type[_Section]] = {
     "amqp": AMQPConfig, "sqs": SQSConfig, "redis": RedisConfig, "gcppubsub": GCPPubSubConfig,
-    "mongodb": MongoDBConfig, "dynamodb": DynamoDBConfig, "sqlite": SQLiteConfig,
+    "mongodb": MongoDBConfig, "dynamodb": DynamoDBConfig, "sqlite": SQLiteConfig, "tls_settings": TLSConfig,
 }
+#: YAML keys of sections whose field has another name
+_SECTION_YAML = {"tls": "tls_settings"}
 
 
 @dataclass
@@ -267,6 +311,12 @@ class Config(_Section):
     #: the loop the worker and the sync API's portal thread run on: auto (uvloop if installed), uvloop, asyncio
     event_loop: str = "auto"
     tls: ssl.SSLContext | None = None
+    #: the TLS settings that build `tls` when no SSLContext is given (YAML `tls:`, env TLS_*)
+    tls_settings: TLSConfig = field(default_factory=TLSConfig)
+    #: HMAC key that signs every message sent and is required of every message run (machinery.signing)
+    signing_key: str = ""
+    #: keys still accepted on messages (not used to sign): the old ones, while keys are rotated
+    signing_keys_old: list[str] = field(default_factory=list)
     amqp: AMQPConfig = field(default_factory=AMQPConfig)
     sqs: SQSConfig = field(default_factory=SQSConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
@@ -280,6 +330,7 @@ class Config(_Section):
         "default_queue": "DEFAULT_QUEUE", "result_backend": "RESULT_BACKEND",
         "results_expire_in": "RESULTS_EXPIRE_IN", "no_unix_signals": "NO_UNIX_SIGNALS",
         "event_loop": "EVENT_LOOP", "go_chord_members": "GO_CHORD_MEMBERS",
+        "signing_key": "SIGNING_KEY", "signing_keys_old": "SIGNING_KEYS_OLD",
     }
 
     def __post_init__(self) -> None:
@@ -289,6 +340,8 @@ class Config(_Section):
             if isinstance(value, Mapping):
                 setattr(self, name, _section_from_mapping(cls, value))
         super().__post_init__()
+        if self.tls is None and self.tls_settings.is_set():
+            self.tls = self.tls_settings.context()
 
     def _validate(self) -> None:
         if not self.broker:
@@ -368,19 +421,20 @@ class Config(_Section):
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "mapping") -> Config:
         """Build from YAML-style keys (nested sections as mappings); unknown keys are errors."""
-        known = {f.name for f in fields(cls) if f.name != "tls"}
+        known = {f.name for f in fields(cls) if f.name not in ("tls", "tls_settings")}
         values: dict[str, Any] = {}
-        for key, value in data.items():
+        for yaml_key, value in data.items():
+            key = _SECTION_YAML.get(yaml_key, yaml_key)
             if key in _SECTIONS:
                 if value is None:
                     continue
                 if not isinstance(value, Mapping):
-                    raise ConfigError(f"config field {key} in {source}: expected a mapping")
+                    raise ConfigError(f"config field {yaml_key} in {source}: expected a mapping")
                 values[key] = _section_from_mapping(_SECTIONS[key], value, source)
             elif key in known:
                 values[key] = value
             else:
-                raise ConfigError(f"unknown config field {key!r} in {source}")
+                raise ConfigError(f"unknown config field {yaml_key!r} in {source}")
         return cls(**values)
 
 
@@ -421,6 +475,8 @@ def _parse_env(var: str, raw: str, hint: Any) -> Any:
             raise ConfigError(f"environment variable {var}: expected a number, got {raw!r}") from None
     if dict in allowed:
         return _parse_kv(var, raw)
+    if list in allowed:
+        return [item.strip() for item in raw.split(",") if item.strip()]
     return raw
 
 

@@ -13,6 +13,7 @@ from machinery.drivers import registry
 from machinery.errors import MachineryError, TaskNotRegisteredError
 from machinery.portal import Portal
 from machinery.result import AsyncResult, ChainAsyncResult, ChordAsyncResult, GroupAsyncResult
+from machinery.signing import Signer
 from machinery.task import Task, TaskSpec
 from machinery.tasks import gojson
 from machinery.tasks.signature import Signature, encode_signature
@@ -72,6 +73,8 @@ class Server:
         #: OpenTelemetry spans of sends and task runs (no-ops without the opentelemetry-api package);
         #: `tracer_provider` overrides the global provider
         self.tracing = Tracer(tracer_provider)
+        #: signs what this server sends and checks what its workers run (Config.signing_key)
+        self.signer = Signer(self.cnf.signing_key, self.cnf.signing_keys_old) if self.cnf.signing_key else None
 
     # --- registry --------------------------------------------------------------------------
 
@@ -155,6 +158,10 @@ class Server:
         if not sig.uuid:
             sig.uuid = new_task_uuids(1)[0]
 
+    def encode(self, sig: Signature) -> bytes:
+        """The message body for `sig`, signed when the config has a signing key."""
+        return encode_signature(sig) if self.signer is None else self.signer.sign(sig)
+
     async def dispatch(self, sigs: Sequence[Signature], *, init_groups: bool = False) -> None:
         """Store PENDING for every signature, then publish them all (batched).
 
@@ -186,6 +193,7 @@ class Server:
         groups: dict[str, list[str]] = {}
         fresh: Iterator[str] | None = None
         tracing = self.tracing.enabled
+        signer = self.signer
         for sig in sigs:  # _prepare, inlined: this loop is the cost of a bulk send
             if not isinstance(sig, Signature):
                 raise MachineryError(f"expected a Signature, got {type(sig).__name__}")
@@ -200,7 +208,8 @@ class Server:
             if tracing:
                 self.tracing.inject(sig.headers)
             eta = sig.eta
-            items.append((sig, encode_signature(sig), gojson.time_ns(eta) if eta is not None else None))
+            body = encode_signature(sig) if signer is None else signer.sign(sig)
+            items.append((sig, body, gojson.time_ns(eta) if eta is not None else None))
             states.append(TaskState(sig.uuid, PENDING, task_name=sig.name, created_at=now))
             if init_groups and sig.group_uuid:
                 groups.setdefault(sig.group_uuid, []).append(sig.uuid)

@@ -26,7 +26,7 @@ from machinery.log import get_logger
 from machinery.retry import fibonacci_next
 from machinery.tasks import gojson
 from machinery.tasks.gotypes import to_wire
-from machinery.tasks.signature import Signature, decode_signature, encode_signature
+from machinery.tasks.signature import Signature, decode_signature
 from machinery.tasks.state import FAILURE, RECEIVED, RETRY, STARTED, SUCCESS, TaskResult, TaskState
 from machinery.threads import SyncRunner
 
@@ -307,6 +307,10 @@ class Worker:
                 sig = decode_signature(d.body)
                 if not sig.uuid:
                     raise DecodeError("message has no UUID: its state could not be stored")
+                signer = self.server.signer
+                refused = signer.check(d.body, sig) if signer is not None else None
+                if refused is not None:
+                    raise DecodeError(refused)
             except DecodeError as exc:
                 sig = None
                 get_logger().error("dead-lettering an undecodable message from %s: %s", d.queue, exc)
@@ -472,7 +476,7 @@ class Worker:
         assert self._committer is not None
         await self._committer.store(TaskState(sig.uuid, RETRY, task_name=sig.name, error=error))
         sig.eta = datetime.now(UTC) + delay
-        await self.server.get_broker().publish(sig, encode_signature(sig), gojson.time_ns(sig.eta))
+        await self.server.get_broker().publish(sig, self.server.encode(sig), gojson.time_ns(sig.eta))
         self._committer.ack(d)
 
     def _chords(self) -> workflows.Chords:

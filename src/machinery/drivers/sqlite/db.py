@@ -126,6 +126,8 @@ class SQLiteDB:
             raise self._error(f"sqlite database {self.path}: {exc}") from exc
 
     def _open(self) -> sqlite3.Connection:
+        if self.path != MEMORY_PATH and not self.path.startswith("file:"):
+            _create_private(self.path)
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
@@ -200,3 +202,15 @@ def chunks(items: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
     """Slices small enough for SQLite's limit on bound parameters."""
     for start in range(0, len(items), size):
         yield items[start: start + size]
+
+
+def _create_private(path: str) -> None:
+    """Create the database file readable by its owner only (arguments and results are in it);
+    SQLite gives its -wal and -shm files the same mode. An existing file keeps its mode."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError:
+        return  # sqlite3.connect reports the real problem (no such directory, no permission)
+    os.close(fd)
