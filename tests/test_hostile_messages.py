@@ -162,3 +162,24 @@ async def test_rabbitmq_twice_the_concurrency_of_bad_messages_does_not_stop_a_wo
                 await asyncio.to_thread(worker.quit)
         finally:
             await asyncio.to_thread(server.close)
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_a_task_nobody_registered_is_dead_lettered_after_its_hand_backs(
+        store: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    url = "memory://" if store == "memory" else f"sqlite:///{tmp_path / 'bounce.sqlite3'}"
+    server = Server(Config(broker=url, result_backend=url, unregistered_bounces=2))
+    server.register_task("add", lambda x, y: x + y)
+    try:
+        lost = server.send_task(Signature("nobody_has_it"))
+        with caplog.at_level("WARNING", logger="machinery"), running_worker(server):
+            assert until(lambda: len(dead_letters(server)) == 1, timeout=20)
+            assert server.send_task(Signature("add", args=[1, 2])).get(timeout=15) == 3
+        (body, reason), = dead_letters(server)
+        assert decode_signature(body).uuid == lost.signature.uuid
+        assert "not registered" in reason and "2 hand-backs" in reason
+        handed_back = [r for r in caplog.records if "handing it back" in r.getMessage()]
+        assert len(handed_back) == 2 and all(lost.signature.uuid in r.getMessage() for r in handed_back)
+        assert server.get_broker().get_pending_tasks() == [] and server.get_broker().get_delayed_tasks() == []
+    finally:
+        server.close()

@@ -308,6 +308,9 @@ class Config(_Section):
     #: Python member that finds its group incomplete by the count reads every member's state, as Go
     #: does (one read of the group per member: off unless Go workers share the queues)
     go_chord_members: bool = False
+    #: hand-backs of a task no worker that took it has registered, before it is dead-lettered (0: never;
+    #: raise it where Go workers register tasks the Python workers lack)
+    unregistered_bounces: int = 5
     #: the loop the worker and the sync API's portal thread run on: auto (uvloop if installed), uvloop, asyncio
     event_loop: str = "auto"
     tls: ssl.SSLContext | None = None
@@ -331,6 +334,7 @@ class Config(_Section):
         "results_expire_in": "RESULTS_EXPIRE_IN", "no_unix_signals": "NO_UNIX_SIGNALS",
         "event_loop": "EVENT_LOOP", "go_chord_members": "GO_CHORD_MEMBERS",
         "signing_key": "SIGNING_KEY", "signing_keys_old": "SIGNING_KEYS_OLD",
+        "unregistered_bounces": "UNREGISTERED_BOUNCES",
     }
 
     def __post_init__(self) -> None:
@@ -348,7 +352,7 @@ class Config(_Section):
             raise ConfigError("config field broker: must not be empty")
         if not self.default_queue:
             raise ConfigError("config field default_queue: must not be empty")
-        _non_negative(self, "results_expire_in")
+        _non_negative(self, "results_expire_in", "unregistered_bounces")
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(f"config field event_loop: expected one of {', '.join(EVENT_LOOPS)}, "
                               f"got {self.event_loop!r}")

@@ -13,7 +13,6 @@ import concurrent.futures
 import inspect
 import signal
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -44,6 +43,8 @@ BROKEN_ATTEMPTS = 5
 #: errors of the servers, not of the message: worth another try
 _PASSING = (BrokerError, BackendError, ConnectionError, TimeoutError)
 UNKNOWN_TASK_DELAY = 1.0
+#: the Headers key counting how often workers without the task handed it back
+BOUNCES_HEADER = "machinery-bounces"
 
 
 class Worker:
@@ -73,7 +74,6 @@ class Worker:
         self._slot_freed: asyncio.Event | None = None
         self._pool: SyncRunner | None = None
         self._committer: Committer | None = None
-        self._last_unknown_log = 0.0
         self.processed = 0
         self.aborted = False
         """True after an abrupt stop: sync tasks may still be running in abandoned threads."""
@@ -361,18 +361,29 @@ class Worker:
         await self._report(exc)
 
     async def _unknown(self, d: Delivery, sig: Signature) -> None:
-        broker = self.server.get_broker()
+        """A task this worker does not have: hand it back for a worker that has it, counting the
+        hand-backs in its Headers; past `Config.unregistered_bounces`, it is dead-lettered."""
+        assert self._committer is not None
         if sig.ignore_when_task_not_registered:
             get_logger().warning("dropping task %s (%s): not registered here", sig.name, sig.uuid)
-            assert self._committer is not None
             self._committer.ack(d)
             return
-        now = time.monotonic()
-        if now - self._last_unknown_log > 5:
-            self._last_unknown_log = now
-            get_logger().warning("task %s is not registered on worker %s; giving it back for another worker",
-                                 sig.name, self.tag)
-        await broker.requeue([d], UNKNOWN_TASK_DELAY)
+        headers = sig.headers if sig.headers is not None else {}
+        raw = headers.get(BOUNCES_HEADER, 0)
+        bounces = (raw if type(raw) is int and raw >= 0 else 0) + 1
+        limit = self.server.cnf.unregistered_bounces
+        if limit and bounces > limit:
+            reason = f"task {sig.name} is not registered on the workers that took it ({limit} hand-backs)"
+            get_logger().error("dead-lettering task %s (%s): %s", sig.name, sig.uuid, reason)
+            await self.server.get_broker().dead_letter(d, reason)
+            return
+        get_logger().warning("task %s (%s) is not registered on worker %s; handing it back (%d of %s)",
+                             sig.name, sig.uuid, self.tag, bounces, limit or "unlimited")
+        headers[BOUNCES_HEADER] = bounces
+        sig.headers = headers
+        sig.eta = datetime.now(UTC) + timedelta(seconds=UNKNOWN_TASK_DELAY)
+        await self.server.get_broker().publish(sig, self.server.encode(sig), gojson.time_ns(sig.eta))
+        self._committer.ack(d)
 
     async def _run(self, d: Delivery, sig: Signature, spec: TaskSpec) -> None:
         tracing = self.server.tracing
