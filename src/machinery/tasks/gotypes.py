@@ -130,7 +130,7 @@ def _to_bytes(type_name: str, value: Any) -> bytes:
     if isinstance(value, str):
         try:
             return base64.b64decode(value, validate=True)
-        except binascii.Error as exc:
+        except (binascii.Error, ValueError) as exc:  # ValueError: not ASCII
             raise ArgTypeError(f"{_show(value)} is not {type_name}: invalid base64") from exc
     if isinstance(value, list):
         return bytes(_to_int("uint8", v) for v in value)
