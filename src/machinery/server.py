@@ -324,19 +324,15 @@ class Server:
             self._scheduler = PeriodicScheduler(self.get_lock())
         return self._scheduler
 
-    def _start_periodic(self) -> None:
-        scheduler = self._periodic()
-        scheduler.start(self.portal)
-
     def register_periodic_task(self, spec: str, name: str, signature: Signature) -> None:
-        """Send a fresh copy of `signature` on every tick of the cron `spec`, once across processes."""
+        """Send a fresh copy of `signature` on every tick of the cron `spec`, once across processes,
+        in the processes that run the schedules (see start_scheduler)."""
         template = fresh_copy(signature)
 
         async def fire() -> None:
             await self.asend_task(fresh_copy(template))
 
         self._periodic().add(spec, name, fire)
-        self._start_periodic()
 
     def register_periodic_group(self, spec: str, name: str, group: Group, send_concurrency: int = 0) -> None:
         template = group.copy()
@@ -345,7 +341,6 @@ class Server:
             await self.asend_group(template.copy(), send_concurrency)
 
         self._periodic().add(spec, name, fire)
-        self._start_periodic()
 
     def register_periodic_chain(self, spec: str, name: str, chain: Chain) -> None:
         template = chain.copy()
@@ -354,7 +349,6 @@ class Server:
             await self.asend_chain(template.copy())
 
         self._periodic().add(spec, name, fire)
-        self._start_periodic()
 
     def register_periodic_chord(self, spec: str, name: str, chord: Chord, send_concurrency: int = 0) -> None:
         template = chord.copy()
@@ -363,7 +357,27 @@ class Server:
             await self.asend_chord(template.copy(), send_concurrency)
 
         self._periodic().add(spec, name, fire)
-        self._start_periodic()
+
+    @property
+    def periodic_tasks(self) -> list[str]:
+        """The names of the registered schedules."""
+        return self._scheduler.names() if self._scheduler is not None else []
+
+    def start_scheduler(self) -> None:
+        """Run the registered schedules (and any registered later) in the background of this
+        process until close() or stop_scheduler().
+
+        Registering a schedule does not run it: only the processes that ask for it do (this call,
+        `machinery scheduler`, `machinery worker --scheduler`), so a script that merely imports the
+        app sends no ticks. Any number of processes may run the same schedules; each tick is sent
+        once, by the process that wins its lock.
+        """
+        self._periodic().start(self.portal)
+
+    def stop_scheduler(self) -> None:
+        """Stop running the schedules in this process (they stay registered)."""
+        if self._scheduler is not None:
+            self._scheduler.stop()
 
     # --- lifecycle -------------------------------------------------------------------------
 

@@ -73,7 +73,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if args.processes > 1:
             name = f"{name}-{index}"
         worker = server.new_worker(name, args.concurrency, args.queue)
+        if args.scheduler:
+            if not server.periodic_tasks:
+                raise MachineryError(f"--scheduler: --app {args.app} registers no periodic tasks")
+            server.start_scheduler()
         worker.launch()
+        if args.scheduler:
+            server.stop_scheduler()
         if worker.aborted:  # do not wait for abandoned task threads at interpreter exit
             logging.shutdown()
             os._exit(1)
@@ -127,6 +133,8 @@ def supervise(args: argparse.Namespace, child_main: Callable[[int], int]) -> int
         argv = ["--log-level", args.log_level, "worker", "--app", args.app, "--concurrency", str(args.concurrency)]
         if args.queue:
             argv += ["--queue", args.queue]
+        if args.scheduler:
+            argv.append("--scheduler")
         sys.stdout.flush()
         sys.stderr.flush()
         try:
@@ -198,12 +206,18 @@ def cmd_pending(args: argparse.Namespace) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    """Import the app (its register_periodic_* calls start the schedules) and keep it running."""
+    """Import the app, run the schedules it registers until SIGINT or SIGTERM."""
     server = load_app(args.app)
+    names = server.periodic_tasks
+    if not names:
+        server.close()
+        raise MachineryError(f"--app {args.app}: no periodic tasks are registered "
+                             "(register them with server.register_periodic_task(...) and the like)")
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    logging.getLogger("machinery").info("scheduler running for %s", args.app)
+    server.start_scheduler()
+    logging.getLogger("machinery").info("scheduler running %s for %s", ", ".join(names), args.app)
     stop.wait()
     server.close()
     return 0
@@ -233,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=10, help="tasks at once per process (0 = no limit)")
     p.add_argument("--queue", default=None, help="queue to consume (default: the config's default_queue)")
     p.add_argument("--processes", type=int, default=1, help="worker processes under one supervisor")
+    p.add_argument("--scheduler", action="store_true",
+                   help="also run the app's periodic schedules (in each worker process; each tick is sent once)")
     p.add_argument("--no-preload", dest="preload", action="store_false",
                    help="with --processes > 1: import the app in each worker process, not once before forking")
     p.set_defaults(func=cmd_worker)
