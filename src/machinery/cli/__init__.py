@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -13,35 +12,12 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from machinery.cli.app import load_app
 from machinery.errors import MachineryError, TaskError
 
 if TYPE_CHECKING:
     from machinery.config import Config
     from machinery.server import Server
-
-
-def load_app(spec: str) -> Server:
-    """Import MODULE:ATTR; ATTR is a Server or a callable returning one."""
-    from machinery.server import Server
-
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise MachineryError(f"--app must look like MODULE:ATTR (e.g. myapp.tasks:server), got {spec!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise MachineryError(f"--app {spec}: cannot import {module_name}: {exc}") from exc
-    try:
-        obj: Any = getattr(module, attr)
-    except AttributeError:
-        raise MachineryError(f"--app {spec}: module {module_name} has no attribute {attr!r}") from None
-    if not isinstance(obj, Server) and callable(obj):
-        obj = obj()
-    if not isinstance(obj, Server):
-        raise MachineryError(f"--app {spec}: expected a machinery.Server, got {type(obj).__name__}")
-    return obj
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -56,7 +32,7 @@ def _server(args: argparse.Namespace) -> Server:
     from machinery.server import Server
 
     if getattr(args, "app", None):
-        return load_app(args.app)
+        return load_app(args.app, args.factory)
     return Server(_config(args))
 
 
@@ -68,7 +44,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise MachineryError(f"--processes must be >= 1, got {args.processes}")
 
     def child(index: int) -> int:
-        server = load_app(args.app)
+        server = load_app(args.app, args.factory)
         name = args.name or f"worker@{os.uname().nodename}"
         if args.processes > 1:
             name = f"{name}-{index}"
@@ -93,7 +69,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # Nothing connects at import time; connections are made per process, on first use.
         import gc
 
-        load_app(args.app)
+        load_app(args.app, args.factory)
         gc.freeze()  # keep the collector from touching (and so copying) the shared objects
     return supervise(args, child)
 
@@ -131,6 +107,8 @@ def supervise(args: argparse.Namespace, child_main: Callable[[int], int]) -> int
     if sys.executable and os.path.exists(script):
         name = args.name or f"worker@{os.uname().nodename}"
         argv = ["--log-level", args.log_level, "worker", "--app", args.app, "--concurrency", str(args.concurrency)]
+        if args.factory:
+            argv.append("--factory")
         if args.queue:
             argv += ["--queue", args.queue]
         if args.scheduler:
@@ -207,7 +185,7 @@ def cmd_pending(args: argparse.Namespace) -> int:
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
     """Import the app, run the schedules it registers until SIGINT or SIGTERM."""
-    server = load_app(args.app)
+    server = load_app(args.app, args.factory)
     names = server.periodic_tasks
     if not names:
         server.close()
@@ -238,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser, app_required: bool = False) -> None:
-        p.add_argument("--app", required=app_required, help="MODULE:ATTR of your Server")
+        p.add_argument("--app", required=app_required,
+                       help="MODULE:ATTR naming your Server, or MODULE:FACTORY() naming a function that returns one")
+        p.add_argument("--factory", action="store_true", help="--app names a function that returns the Server")
         p.add_argument("--config", help="YAML config file (when no --app); default: environment variables")
 
     p = sub.add_parser("worker", help="run a worker")
