@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from machinery.cli.app import load_app
-from machinery.errors import MachineryError, TaskError
+from machinery.errors import MachineryError
 
 if TYPE_CHECKING:
     from machinery.config import Config
@@ -40,9 +39,6 @@ def _server(args: argparse.Namespace) -> Server:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    if args.processes < 1:
-        raise MachineryError(f"--processes must be >= 1, got {args.processes}")
-
     def child(index: int) -> int:
         server = load_app(args.app, args.factory)
         name = args.name or f"worker@{os.uname().nodename}"
@@ -124,34 +120,12 @@ def supervise(args: argparse.Namespace, child_main: Callable[[int], int]) -> int
     return watch(children, spawn, log.error)
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def cmd_send(args: argparse.Namespace) -> int:
-    from machinery.tasks.signature import Signature
+    from machinery.cli import send
 
     server = _server(args)
     try:
-        spec = server.find_task(args.task)
-        values = tuple(_parse_value(a) for a in args.args)
-        typed = spec.make_args(values) if spec is not None else None
-        sig = Signature(args.task, typed if typed is not None else values)
-        if args.queue:
-            sig.routing_key = args.queue
-        result = server.send_task(sig)
-        print(sig.uuid)
-        if args.wait:
-            try:
-                value = result.get(timeout=args.timeout)
-            except TaskError as exc:
-                print(f"FAILURE: {exc.error}", file=sys.stderr)
-                return 1
-            print(json.dumps(value, default=repr))
-        return 0
+        return send.run(server, args)
     finally:
         server.close()
 
@@ -209,63 +183,116 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 # --- parser ------------------------------------------------------------------------------
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)} (any case), got {text!r}")
+    return level
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("machinery")
+    except PackageNotFoundError:  # running from a source tree
+        import machinery
+
+        return machinery.__version__
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from machinery.cli import send
+
     parser = argparse.ArgumentParser(prog="machinery", description="Distributed task queue, Go Machinery compatible.")
-    parser.add_argument("--log-level", default=os.environ.get("MACHINERY_LOG_LEVEL", "INFO"))
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"machinery {_version()}")
+    level_help = "DEBUG, INFO, WARNING, ERROR or CRITICAL (default: $MACHINERY_LOG_LEVEL, else INFO)"
+    parser.add_argument("--log-level", type=_log_level, default=None, help=level_help)
+    # Also after the subcommand; SUPPRESS keeps a value given before it when none is given after.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, help=level_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(p: argparse.ArgumentParser, app_required: bool = False) -> None:
-        p.add_argument("--app", required=app_required,
-                       help="MODULE:ATTR naming your Server, or MODULE:FACTORY() naming a function that returns one")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common])
+
+    def app_option(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("--app", required=required, metavar="MODULE:ATTR",
+                       help="your Server (MODULE:ATTR), or a function returning one (MODULE:FACTORY())")
         p.add_argument("--factory", action="store_true", help="--app names a function that returns the Server")
-        p.add_argument("--config", help="YAML config file (when no --app); default: environment variables")
 
-    p = sub.add_parser("worker", help="run a worker")
-    with_config(p, app_required=True)
-    p.add_argument("--name", default="", help="worker tag")
-    p.add_argument("--concurrency", type=int, default=10, help="tasks at once per process (0 = no limit)")
+    def store_options(p: argparse.ArgumentParser) -> None:
+        app_option(p, False)
+        p.add_argument("--config", metavar="FILE.yml",
+                       help="YAML config file, instead of --app; default: the environment (BROKER, ...)")
+
+    p = command("worker", "run a worker")
+    app_option(p, True)
+    p.add_argument("--name", default="", help="worker tag (default: worker@HOSTNAME)")
+    p.add_argument("--concurrency", type=_int_at_least(0), default=10, help="tasks at once per process (0 = no limit)")
     p.add_argument("--queue", default=None, help="queue to consume (default: the config's default_queue)")
-    p.add_argument("--processes", type=int, default=1, help="worker processes under one supervisor")
+    p.add_argument("--processes", type=_int_at_least(1), default=1, help="worker processes under one supervisor")
     p.add_argument("--scheduler", action="store_true",
                    help="also run the app's periodic schedules (in each worker process; each tick is sent once)")
     p.add_argument("--no-preload", dest="preload", action="store_false",
                    help="with --processes > 1: import the app in each worker process, not once before forking")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("send", help="send a task (arguments are JSON values, else strings)")
-    with_config(p)
-    p.add_argument("task")
-    p.add_argument("args", nargs="*")
-    p.add_argument("--queue", default="")
-    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p = command("send", "send a task; prints its UUID (and with --wait its result)")
+    store_options(p)
+    send.add_arguments(p)
     p.set_defaults(func=cmd_send)
 
-    p = sub.add_parser("status", help="print a task's stored state")
-    with_config(p)
-    p.add_argument("uuid")
+    p = command("status", "print a task's stored state")
+    store_options(p)
+    p.add_argument("uuid", help="the task's UUID")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("pending", help="list tasks waiting in a queue")
-    with_config(p)
-    p.add_argument("queue", nargs="?", default="")
+    p = command("pending", "list tasks waiting in a queue")
+    store_options(p)
+    p.add_argument("queue", nargs="?", default="", help="queue to list (default: the config's default_queue)")
     p.add_argument("--delayed", action="store_true", help="also list tasks waiting for their ETA")
     p.set_defaults(func=cmd_pending)
 
-    p = sub.add_parser("scheduler", help="run the periodic schedules an app registers")
-    with_config(p, app_required=True)
+    p = command("scheduler", "run the periodic schedules an app registers")
+    app_option(p, True)
     p.set_defaults(func=cmd_scheduler)
 
-    p = sub.add_parser("example", help="a self-contained demo on the embedded SQLite default")
+    p = command("example", "a self-contained demo on the embedded SQLite default")
     p.add_argument("--db", default=None, help="SQLite file (default ./machinery.sqlite3)")
     p.set_defaults(func=cmd_example)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_level is None:
+        try:
+            args.log_level = _log_level(os.environ.get("MACHINERY_LOG_LEVEL", "INFO"))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"MACHINERY_LOG_LEVEL: {exc}")
+    if getattr(args, "app", None) and getattr(args, "config", None):
+        parser.error("give --app (the app's Server has its config) or --config, not both")
+    if getattr(args, "factory", False) and not getattr(args, "app", None):
+        parser.error("--factory needs --app")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code: int = args.func(args)
     except MachineryError as exc:
