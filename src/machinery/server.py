@@ -70,6 +70,9 @@ class Server:
         self._blocking_send = self._backend.blocking_send(self._broker)
         self._tasks: dict[str, TaskSpec] = {}
         self._scheduler: PeriodicScheduler | None = None
+        # resolved now, as the drivers resolve a relative SQLite path: against today's directory
+        self._where = (registry.describe(self._broker.url) if self._broker.url else type(self._broker).__name__,
+                       registry.describe(self._backend.url) if self._backend.url else type(self._backend).__name__)
         #: OpenTelemetry spans of sends and task runs (no-ops without the opentelemetry-api package);
         #: `tracer_provider` overrides the global provider
         self.tracing = Tracer(tracer_provider)
@@ -134,6 +137,14 @@ class Server:
 
     def get_config(self) -> Config:
         return self.cnf
+
+    def where(self) -> str:
+        """Where tasks and results go, for people: "broker: ...; results: ..." (one part when they
+        share a store), a SQLite file by its absolute path."""
+        broker, backend = self._where
+        if broker == backend:
+            return f"broker and results: {broker}"
+        return f"broker: {broker}; results: {backend}"
 
     # --- sending ---------------------------------------------------------------------------
 

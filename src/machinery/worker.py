@@ -172,7 +172,14 @@ class Worker:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal)
         log = get_logger()
-        log.info("worker %s consuming %s (concurrency %s)", self.tag, self.queue, self.concurrency or "unlimited")
+        log.info("worker %s consuming %s (concurrency %s); %s", self.tag, self.queue,
+                 self.concurrency or "unlimited", self.server.where())
+        note = getattr(broker, "note_worker", None)  # a driver that records workers (SQLite: see its warning)
+        if note is not None:
+            try:
+                await note(self.queue, self.tag)
+            except Exception as exc:  # only a hint for producers; fetching reports real trouble
+                log.warning("worker %s: could not record itself in the broker: %s", self.tag, exc)
         committer_task = loop.create_task(self._committer.run(), name="machinery-committer")
         renew_task = loop.create_task(self._renew_loop(), name="machinery-renew")
         consume_task = loop.create_task(self._consume_loop(), name="machinery-consume")

@@ -131,11 +131,18 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """A task's stored state (JSON); without a UUID, where tasks and results go and what waits."""
     server = _server(args)
     try:
+        if not args.uuid:
+            queue = server.cnf.default_queue
+            waiting = len(server.get_broker().get_pending_tasks(queue))
+            print(server.where())
+            print(f"default queue: {queue} ({waiting} waiting)")
+            return 0
         state = server.portal.run(server.get_backend().get_state(args.uuid))
         if state is None:
-            print(f"no state stored for {args.uuid}", file=sys.stderr)
+            print(f"no state stored for {args.uuid} ({server.where()})", file=sys.stderr)
             return 1
         sys.stdout.write(state.to_json().decode() + "\n")
         return 0
@@ -259,9 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_arguments(p)
     p.set_defaults(func=cmd_send)
 
-    p = command("status", "print a task's stored state")
+    p = command("status", "print a task's stored state; without UUID, where tasks and results are kept")
     store_options(p)
-    p.add_argument("uuid", help="the task's UUID")
+    p.add_argument("uuid", nargs="?", default="", help="the task's UUID")
     p.set_defaults(func=cmd_status)
 
     p = command("pending", "list tasks waiting in a queue")
