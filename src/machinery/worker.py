@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from machinery import loops
 from machinery.committer import Committer
-from machinery.context import TaskContext
+from machinery.context import RETRIES_HEADER, TaskContext, retries_done
 from machinery.errors import ArgTypeError, DecodeError, MachineryError, RetryTaskLater
 from machinery.log import get_logger
 from machinery.retry import fibonacci_next
@@ -435,6 +435,7 @@ class Worker:
         """Store RETRY, publish the task again with its ETA, then ack this delivery."""
         assert self._committer is not None
         await self._committer.store(TaskState(sig.uuid, RETRY, task_name=sig.name, error=error))
+        sig.headers = {**(sig.headers or {}), RETRIES_HEADER: retries_done(sig) + 1}
         sig.eta = datetime.now(UTC) + delay
         await self.server.get_broker().publish(sig, encode_signature(sig), gojson.time_ns(sig.eta))
         self._committer.ack(d)
