@@ -266,6 +266,9 @@ class Config(_Section):
     go_chord_members: bool = False
     #: the loop the worker and the sync API's portal thread run on: auto (uvloop if installed), uvloop, asyncio
     event_loop: str = "auto"
+    #: seconds the worker's event loop may be blocked (a blocking call in an async def task) before
+    #: the worker logs a warning naming the task; 0 turns the check off
+    blocked_loop_warning: float = 1.0
     tls: ssl.SSLContext | None = None
     amqp: AMQPConfig = field(default_factory=AMQPConfig)
     sqs: SQSConfig = field(default_factory=SQSConfig)
@@ -280,6 +283,7 @@ class Config(_Section):
         "default_queue": "DEFAULT_QUEUE", "result_backend": "RESULT_BACKEND",
         "results_expire_in": "RESULTS_EXPIRE_IN", "no_unix_signals": "NO_UNIX_SIGNALS",
         "event_loop": "EVENT_LOOP", "go_chord_members": "GO_CHORD_MEMBERS",
+        "blocked_loop_warning": "BLOCKED_LOOP_WARNING",
     }
 
     def __post_init__(self) -> None:
@@ -295,7 +299,7 @@ class Config(_Section):
             raise ConfigError("config field broker: must not be empty")
         if not self.default_queue:
             raise ConfigError("config field default_queue: must not be empty")
-        _non_negative(self, "results_expire_in")
+        _non_negative(self, "results_expire_in", "blocked_loop_warning")
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(f"config field event_loop: expected one of {', '.join(EVENT_LOOPS)}, "
                               f"got {self.event_loop!r}")

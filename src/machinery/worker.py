@@ -23,6 +23,7 @@ from machinery.committer import Committer
 from machinery.context import RETRIES_HEADER, TaskContext, retries_done
 from machinery.errors import ArgTypeError, DecodeError, MachineryError, RetryTaskLater
 from machinery.log import get_logger
+from machinery.loopwatch import LoopWatch, task_codes
 from machinery.retry import fibonacci_next
 from machinery.tasks import gojson
 from machinery.tasks.gotypes import to_wire
@@ -180,6 +181,11 @@ class Worker:
                 await note(self.queue, self.tag)
             except Exception as exc:  # only a hint for producers; fetching reports real trouble
                 log.warning("worker %s: could not record itself in the broker: %s", self.tag, exc)
+        watch: LoopWatch | None = None
+        if self.server.cnf.blocked_loop_warning > 0:
+            codes = task_codes(self.server.registered_tasks.values())
+            watch = LoopWatch(loop, self.server.cnf.blocked_loop_warning, codes, self.tag)
+            watch.start()
         committer_task = loop.create_task(self._committer.run(), name="machinery-committer")
         renew_task = loop.create_task(self._renew_loop(), name="machinery-renew")
         consume_task = loop.create_task(self._consume_loop(), name="machinery-consume")
@@ -205,6 +211,8 @@ class Worker:
             for t in (stop_wait, abort_wait, consume_task):
                 t.cancel()
         finally:
+            if watch is not None:
+                watch.stop()
             committer_task.cancel()
             renew_task.cancel()
             if _signals:
