@@ -313,5 +313,7 @@ def test_worker_scheduler_flag_runs_the_schedules(db: Path, tmp_path: Path) -> N
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    out = run(["worker", "--app", "apps.envapp:server", "--scheduler"], env_for(db), timeout=30)
-    assert out.returncode != 0 and "registers no periodic tasks" in out.stderr
+    for processes in ("1", "2"):
+        out = run(["worker", "--app", "apps.envapp:server", "--scheduler", "--processes", processes], env_for(db),
+                  timeout=30)
+        assert out.returncode == 2 and "registers no periodic tasks" in out.stderr

@@ -46,8 +46,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             name = f"{name}-{index}"
         worker = server.new_worker(name, args.concurrency, args.queue)
         if args.scheduler:
-            if not server.periodic_tasks:
-                raise MachineryError(f"--scheduler: --app {args.app} registers no periodic tasks")
+            _require_schedules(server, args)
             server.start_scheduler()
         worker.launch()
         if args.scheduler:
@@ -65,9 +64,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # Nothing connects at import time; connections are made per process, on first use.
         import gc
 
-        load_app(args.app, args.factory)
+        server = load_app(args.app, args.factory)
+        if args.scheduler:
+            _require_schedules(server, args)  # here, not in a worker the supervisor would restart
         gc.freeze()  # keep the collector from touching (and so copying) the shared objects
     return supervise(args, child)
+
+
+def _require_schedules(server: Server, args: argparse.Namespace) -> None:
+    if not server.periodic_tasks:
+        raise MachineryError(f"--scheduler: --app {args.app} registers no periodic tasks")
 
 
 def supervise(args: argparse.Namespace, child_main: Callable[[int], int]) -> int:
