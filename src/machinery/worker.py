@@ -173,14 +173,14 @@ class Worker:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal)
         log = get_logger()
-        log.info("worker %s consuming %s (concurrency %s); %s", self.tag, self.queue,
-                 self.concurrency or "unlimited", self.server.where())
         note = getattr(broker, "note_worker", None)  # a driver that records workers (SQLite: see its warning)
         if note is not None:
             try:
                 await note(self.queue, self.tag)
             except Exception as exc:  # only a hint for producers; fetching reports real trouble
                 log.warning("worker %s: could not record itself in the broker: %s", self.tag, exc)
+        log.info("worker %s consuming %s (concurrency %s); %s", self.tag, self.queue,
+                 self.concurrency or "unlimited", self.server.where())
         watch: LoopWatch | None = None
         if self.server.cnf.blocked_loop_warning > 0:
             codes = task_codes(self.server.registered_tasks.values())
