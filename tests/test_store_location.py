@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -56,13 +55,12 @@ def test_worker_status_and_a_producer_elsewhere(tmp_path: Path) -> None:
                               cwd=here, env=env(), text=True, stderr=subprocess.PIPE)
     try:
         assert worker.stderr is not None
-        first = worker.stderr.readline()
+        first = worker.stderr.readline()  # logged once the worker has recorded itself in the file
         assert f"consuming machinery_tasks (concurrency 2); broker and results: SQLite file {store}" in first
         status = subprocess.run([*CLI, "status"], cwd=here, env=env(), capture_output=True, text=True,
                                 timeout=30, check=True)
         assert status.stdout.splitlines() == [f"broker and results: SQLite file {store}",
                                               "default queue: machinery_tasks (0 waiting)"]
-        time.sleep(0.5)  # the worker has recorded itself in the file by now
         same = subprocess.run([sys.executable, "-c", PRODUCER], cwd=here, env=env(), capture_output=True,
                               text=True, timeout=60, check=False)
         assert same.returncode == 0 and same.stdout.strip() == "3", same.stderr
