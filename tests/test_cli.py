@@ -271,3 +271,49 @@ def test_scheduler_command_sends_on_schedule(db: Path) -> None:
     sent = [json.loads(line) for line in out.stdout.splitlines()]
     assert 3 <= len(sent) <= 5, f"expected one send per tick over ~4.5 s, got {len(sent)}"
     assert all(s["Name"] == "add" for s in sent) and len({s["UUID"] for s in sent}) == len(sent)
+
+
+def test_importing_an_app_with_schedules_sends_nothing(db: Path) -> None:
+    """Only processes that ask run the schedules: a plain `import myapp` must queue no ticks."""
+    env = env_for(db)
+    code = "import time, apps.periodic_app; time.sleep(2.5)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert run(["pending"], env).stdout == ""
+
+
+def test_scheduler_without_schedules_says_so(db: Path) -> None:
+    out = run(["scheduler", "--app", "apps.envapp:server"], env_for(db), timeout=30)
+    assert out.returncode != 0
+    assert "no periodic tasks are registered" in out.stderr
+
+
+def test_worker_scheduler_flag_runs_the_schedules(db: Path, tmp_path: Path) -> None:
+    log = tmp_path / "ticks.log"
+    env = env_for(db, MACHINERY_TEST_LOG=str(log))
+    args = [*CLI, "worker", "--app", "apps.periodic_app:server", "--concurrency", "2"]
+    plain = subprocess.Popen(args, env=env, text=True)
+    try:
+        time.sleep(2.5)
+        assert not log.exists(), "a worker without --scheduler sent ticks"
+    finally:
+        plain.send_signal(signal.SIGTERM)
+        assert plain.wait(timeout=30) == 0
+    proc = subprocess.Popen([*args, "--scheduler", "--processes", "2"], env=env, text=True)
+    try:
+        assert _until(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, timeout=30)
+        started = time.monotonic()
+        first = len(log.read_text().splitlines())
+        time.sleep(3)
+        ran = len(log.read_text().splitlines()) - first
+        elapsed = time.monotonic() - started
+        # two processes run the schedule; each tick is still sent (and run) once
+        assert ran <= elapsed + 1.5, f"{ran} ticks ran in {elapsed:.1f} s"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    for processes in ("1", "2"):
+        out = run(["worker", "--app", "apps.envapp:server", "--scheduler", "--processes", processes], env_for(db),
+                  timeout=30)
+        assert out.returncode == 2 and "registers no periodic tasks" in out.stderr

@@ -34,6 +34,7 @@ def test_each_kind_fires_on_schedule() -> None:
     server.register_periodic_chain("@every 1s", "p-chain", Chain(Signature("add", [1, 1]), Signature("rec_chain")))
     server.register_periodic_chord("@every 1s", "p-chord",
                                    Chord(Group(Signature("add", [2]), Signature("add", [3])), Signature("rec_chord")))
+    server.start_scheduler()
     with running_worker(server):
         deadline = time.monotonic() + 10
         while (time.monotonic() < deadline and any(len(v) < 4 for k, v in seen.items() if k != "group")) \
@@ -52,6 +53,7 @@ def test_fresh_uuids_each_tick() -> None:
     server.register_task("tick", lambda: None)
     original = Signature("tick", uuid="task_fixed", on_success=[Signature("tick", uuid="task_child")])
     server.register_periodic_task("@every 1s", "p", original)
+    server.start_scheduler()
     broker = server.get_broker()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and len(sent) < 2:
@@ -73,3 +75,31 @@ def test_bad_spec_rejected_at_registration() -> None:
     with pytest.raises(ConfigError):
         server.register_periodic_group("not a spec", "bad", Group(Signature("x")))
     server.close()
+
+
+def test_registering_alone_sends_nothing_until_the_scheduler_starts() -> None:
+    """A process that only registers (a script importing the app) sends no ticks; one that asks
+    for the scheduler does, schedules registered after the start included."""
+    server = memory_server()
+    server.register_periodic_task("@every 1s", "early", Signature("tick", ["early"]))
+    broker = server.get_broker()
+    try:
+        time.sleep(2.2)  # two ticks pass
+        assert broker.get_pending_tasks() == []
+        assert server.periodic_tasks == ["early"]
+        server.start_scheduler()
+        server.start_scheduler()  # idempotent
+        server.register_periodic_task("@every 1s", "late", Signature("tick", ["late"]))
+        deadline = time.monotonic() + 5
+        names: set[str] = set()
+        while time.monotonic() < deadline and names != {"early", "late"}:
+            names = {str(s.args[0].value) for s in broker.get_pending_tasks()}
+            time.sleep(0.05)
+        assert names == {"early", "late"}
+        server.stop_scheduler()
+        time.sleep(0.1)
+        count = len(broker.get_pending_tasks())
+        time.sleep(1.5)
+        assert len(broker.get_pending_tasks()) == count
+    finally:
+        server.close()

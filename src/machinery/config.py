@@ -313,6 +313,9 @@ class Config(_Section):
     unregistered_bounces: int = 5
     #: the loop the worker and the sync API's portal thread run on: auto (uvloop if installed), uvloop, asyncio
     event_loop: str = "auto"
+    #: seconds the worker's event loop may be blocked (a blocking call in an async def task) before
+    #: the worker logs a warning naming the task; 0 turns the check off
+    blocked_loop_warning: float = 1.0
     tls: ssl.SSLContext | None = None
     #: the TLS settings that build `tls` when no SSLContext is given (YAML `tls:`, env TLS_*)
     tls_settings: TLSConfig = field(default_factory=TLSConfig)
@@ -335,6 +338,7 @@ class Config(_Section):
         "event_loop": "EVENT_LOOP", "go_chord_members": "GO_CHORD_MEMBERS",
         "signing_key": "SIGNING_KEY", "signing_keys_old": "SIGNING_KEYS_OLD",
         "unregistered_bounces": "UNREGISTERED_BOUNCES",
+        "blocked_loop_warning": "BLOCKED_LOOP_WARNING",
     }
 
     def __post_init__(self) -> None:
@@ -352,7 +356,7 @@ class Config(_Section):
             raise ConfigError("config field broker: must not be empty")
         if not self.default_queue:
             raise ConfigError("config field default_queue: must not be empty")
-        _non_negative(self, "results_expire_in", "unregistered_bounces")
+        _non_negative(self, "results_expire_in", "unregistered_bounces", "blocked_loop_warning")
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(f"config field event_loop: expected one of {', '.join(EVENT_LOOPS)}, "
                               f"got {self.event_loop!r}")

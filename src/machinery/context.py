@@ -8,6 +8,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from machinery.tasks.signature import Signature
 
+#: signature header in which workers count the retries done (a retry is a new message, so the
+#: broker's delivery count starts again; Go workers carry the header on without counting)
+RETRIES_HEADER = "machinery_retries"
+
+
+def retries_done(sig: Signature) -> int:
+    """The retries counted in the signature's headers (0 when none was)."""
+    value = (sig.headers or {}).get(RETRIES_HEADER, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
 
 @dataclass(slots=True)
 class TaskContext:
@@ -16,7 +26,8 @@ class TaskContext:
     signature: Signature
     worker_name: str = ""
     attempts: int = 1
-    """How many times the broker has handed this message out (1 on the first delivery)."""
+    """Deliveries of this message: 1, or more when it was handed out again after its worker died.
+    Not a retry counter: a retry is sent as a new message, whose attempts start at 1 (see retries)."""
     redelivered: bool = False
     """True when the message was given out before, e.g. after its worker died."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -30,8 +41,14 @@ class TaskContext:
         return self.signature.uuid
 
     @property
+    def retries(self) -> int:
+        """Retries done before this run, counting up: 0 on the first run, 1 on the first retry...
+        Both kinds count: a failure retried under retry_count, and RetryTaskLater."""
+        return retries_done(self.signature)
+
+    @property
     def retry_count(self) -> int:
-        """Retries left after this attempt."""
+        """Retries left after this run (counts down; RetryTaskLater does not use them)."""
         return self.signature.retry_count
 
     @property

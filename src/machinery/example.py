@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from machinery.config import Config
 from machinery.server import Server
@@ -47,8 +46,7 @@ def build_server(db: str | None = None) -> tuple[Server, dict[str, int]]:
 def run(db: str | None = None, out: object = None) -> int:
     """Run the tour; returns a process exit code."""
     server, calls = build_server(db)
-    where = db or "./machinery.sqlite3"
-    print(f"machinery example: broker and result backend in {Path(where)} (queue {QUEUE})")
+    print(f"machinery example: {server.where()} (queue {QUEUE})")
     worker = server.new_worker("example", concurrency=4)
     stopped = worker.launch_async()
     try:

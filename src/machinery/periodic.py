@@ -1,7 +1,9 @@
 """The periodic-task engine: fire each registered schedule once per tick across all processes.
 
-Every process that registers a periodic task runs a `PeriodicScheduler`; they share a `Lock` (Redis,
-SQLite, or in-process for a single process) and at each tick the one process that wins the lock fires.
+Registering a schedule only records it; the processes that ask to run the schedules (`machinery
+scheduler`, `machinery worker --scheduler`, `Server.start_scheduler()`) run a `PeriodicScheduler`. They
+share a `Lock` (Redis, SQLite, or in-process for a single process) and at each tick the one process that
+wins the lock fires.
 
 **Ticks.** A tick is a time computed from the spec alone (cron specs: robfig's `Next`; `@every d`: the
 multiples of `d` since the Unix epoch, where Go counts from each process's start), so every process

@@ -70,6 +70,9 @@ class Server:
         self._blocking_send = self._backend.blocking_send(self._broker)
         self._tasks: dict[str, TaskSpec] = {}
         self._scheduler: PeriodicScheduler | None = None
+        # resolved now, as the drivers resolve a relative SQLite path: against today's directory
+        self._where = (registry.describe(self._broker.url) if self._broker.url else type(self._broker).__name__,
+                       registry.describe(self._backend.url) if self._backend.url else type(self._backend).__name__)
         #: OpenTelemetry spans of sends and task runs (no-ops without the opentelemetry-api package);
         #: `tracer_provider` overrides the global provider
         self.tracing = Tracer(tracer_provider)
@@ -136,6 +139,14 @@ class Server:
 
     def get_config(self) -> Config:
         return self.cnf
+
+    def where(self) -> str:
+        """Where tasks and results go, for people: "broker: ...; results: ..." (one part when they
+        share a store), a SQLite file by its absolute path."""
+        broker, backend = self._where
+        if broker == backend:
+            return f"broker and results: {broker}"
+        return f"broker: {broker}; results: {backend}"
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -343,19 +354,15 @@ class Server:
             self._scheduler = PeriodicScheduler(self.get_lock())
         return self._scheduler
 
-    def _start_periodic(self) -> None:
-        scheduler = self._periodic()
-        scheduler.start(self.portal)
-
     def register_periodic_task(self, spec: str, name: str, signature: Signature) -> None:
-        """Send a fresh copy of `signature` on every tick of the cron `spec`, once across processes."""
+        """Send a fresh copy of `signature` on every tick of the cron `spec`, once across processes,
+        in the processes that run the schedules (see start_scheduler)."""
         template = fresh_copy(signature)
 
         async def fire() -> None:
             await self.asend_task(fresh_copy(template))
 
         self._periodic().add(spec, name, fire)
-        self._start_periodic()
 
     def register_periodic_group(self, spec: str, name: str, group: Group, send_concurrency: int = 0) -> None:
         template = group.copy()
@@ -364,7 +371,6 @@ class Server:
             await self.asend_group(template.copy(), send_concurrency)
 
         self._periodic().add(spec, name, fire)
-        self._start_periodic()
 
     def register_periodic_chain(self, spec: str, name: str, chain: Chain) -> None:
         template = chain.copy()
@@ -373,7 +379,6 @@ class Server:
             await self.asend_chain(template.copy())
 
         self._periodic().add(spec, name, fire)
-        self._start_periodic()
 
     def register_periodic_chord(self, spec: str, name: str, chord: Chord, send_concurrency: int = 0) -> None:
         template = chord.copy()
@@ -382,7 +387,27 @@ class Server:
             await self.asend_chord(template.copy(), send_concurrency)
 
         self._periodic().add(spec, name, fire)
-        self._start_periodic()
+
+    @property
+    def periodic_tasks(self) -> list[str]:
+        """The names of the registered schedules."""
+        return self._scheduler.names() if self._scheduler is not None else []
+
+    def start_scheduler(self) -> None:
+        """Run the registered schedules (and any registered later) in the background of this
+        process until close() or stop_scheduler().
+
+        Registering a schedule does not run it: only the processes that ask for it do (this call,
+        `machinery scheduler`, `machinery worker --scheduler`), so a script that merely imports the
+        app sends no ticks. Any number of processes may run the same schedules; each tick is sent
+        once, by the process that wins its lock.
+        """
+        self._periodic().start(self.portal)
+
+    def stop_scheduler(self) -> None:
+        """Stop running the schedules in this process (they stay registered)."""
+        if self._scheduler is not None:
+            self._scheduler.stop()
 
     # --- lifecycle -------------------------------------------------------------------------
 

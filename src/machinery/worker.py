@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from machinery import loops, workflows
 from machinery.committer import Committer
-from machinery.context import TaskContext
+from machinery.context import RETRIES_HEADER, TaskContext, retries_done
 from machinery.errors import ArgTypeError, BackendError, BrokerError, DecodeError, MachineryError, RetryTaskLater
 from machinery.log import get_logger
+from machinery.loopwatch import LoopWatch, task_codes
 from machinery.retry import fibonacci_next
 from machinery.tasks import gojson
 from machinery.tasks.gotypes import to_wire
@@ -178,7 +179,19 @@ class Worker:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal)
         log = get_logger()
-        log.info("worker %s consuming %s (concurrency %s)", self.tag, self.queue, self.concurrency or "unlimited")
+        note = getattr(broker, "note_worker", None)  # a driver that records workers (SQLite: see its warning)
+        if note is not None:
+            try:
+                await note(self.queue, self.tag)
+            except Exception as exc:  # only a hint for producers; fetching reports real trouble
+                log.warning("worker %s: could not record itself in the broker: %s", self.tag, exc)
+        log.info("worker %s consuming %s (concurrency %s); %s", self.tag, self.queue,
+                 self.concurrency or "unlimited", self.server.where())
+        watch: LoopWatch | None = None
+        if self.server.cnf.blocked_loop_warning > 0:
+            codes = task_codes(self.server.registered_tasks.values())
+            watch = LoopWatch(loop, self.server.cnf.blocked_loop_warning, codes, self.tag)
+            watch.start()
         committer_task = loop.create_task(self._committer.run(), name="machinery-committer")
         renew_task = loop.create_task(self._renew_loop(), name="machinery-renew")
         consume_task = loop.create_task(self._consume_loop(), name="machinery-consume")
@@ -204,6 +217,8 @@ class Worker:
             for t in (stop_wait, abort_wait, consume_task):
                 t.cancel()
         finally:
+            if watch is not None:
+                watch.stop()
             committer_task.cancel()
             renew_task.cancel()
             if _signals:
@@ -486,6 +501,7 @@ class Worker:
         """Store RETRY, publish the task again with its ETA, then ack this delivery."""
         assert self._committer is not None
         await self._committer.store(TaskState(sig.uuid, RETRY, task_name=sig.name, error=error))
+        sig.headers = {**(sig.headers or {}), RETRIES_HEADER: retries_done(sig) + 1}
         sig.eta = datetime.now(UTC) + delay
         await self.server.get_broker().publish(sig, self.server.encode(sig), gojson.time_ns(sig.eta))
         self._committer.ack(d)

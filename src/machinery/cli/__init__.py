@@ -3,45 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from machinery.errors import MachineryError, TaskError
+from machinery.cli.app import load_app
+from machinery.errors import MachineryError
 
 if TYPE_CHECKING:
     from machinery.config import Config
     from machinery.server import Server
-
-
-def load_app(spec: str) -> Server:
-    """Import MODULE:ATTR; ATTR is a Server or a callable returning one."""
-    from machinery.server import Server
-
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise MachineryError(f"--app must look like MODULE:ATTR (e.g. myapp.tasks:server), got {spec!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise MachineryError(f"--app {spec}: cannot import {module_name}: {exc}") from exc
-    try:
-        obj: Any = getattr(module, attr)
-    except AttributeError:
-        raise MachineryError(f"--app {spec}: module {module_name} has no attribute {attr!r}") from None
-    if not isinstance(obj, Server) and callable(obj):
-        obj = obj()
-    if not isinstance(obj, Server):
-        raise MachineryError(f"--app {spec}: expected a machinery.Server, got {type(obj).__name__}")
-    return obj
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -56,7 +31,7 @@ def _server(args: argparse.Namespace) -> Server:
     from machinery.server import Server
 
     if getattr(args, "app", None):
-        return load_app(args.app)
+        return load_app(args.app, args.factory)
     return Server(_config(args))
 
 
@@ -64,16 +39,18 @@ def _server(args: argparse.Namespace) -> Server:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    if args.processes < 1:
-        raise MachineryError(f"--processes must be >= 1, got {args.processes}")
-
     def child(index: int) -> int:
-        server = load_app(args.app)
+        server = load_app(args.app, args.factory)
         name = args.name or f"worker@{os.uname().nodename}"
         if args.processes > 1:
             name = f"{name}-{index}"
         worker = server.new_worker(name, args.concurrency, args.queue)
+        if args.scheduler:
+            _require_schedules(server, args)
+            server.start_scheduler()
         worker.launch()
+        if args.scheduler:
+            server.stop_scheduler()
         if worker.aborted:  # do not wait for abandoned task threads at interpreter exit
             logging.shutdown()
             os._exit(1)
@@ -87,9 +64,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # Nothing connects at import time; connections are made per process, on first use.
         import gc
 
-        load_app(args.app)
+        server = load_app(args.app, args.factory)
+        if args.scheduler:
+            _require_schedules(server, args)  # here, not in a worker the supervisor would restart
         gc.freeze()  # keep the collector from touching (and so copying) the shared objects
     return supervise(args, child)
+
+
+def _require_schedules(server: Server, args: argparse.Namespace) -> None:
+    if not server.periodic_tasks:
+        raise MachineryError(f"--scheduler: --app {args.app} registers no periodic tasks")
 
 
 def supervise(args: argparse.Namespace, child_main: Callable[[int], int]) -> int:
@@ -125,8 +109,12 @@ def supervise(args: argparse.Namespace, child_main: Callable[[int], int]) -> int
     if sys.executable and os.path.exists(script):
         name = args.name or f"worker@{os.uname().nodename}"
         argv = ["--log-level", args.log_level, "worker", "--app", args.app, "--concurrency", str(args.concurrency)]
+        if args.factory:
+            argv.append("--factory")
         if args.queue:
             argv += ["--queue", args.queue]
+        if args.scheduler:
+            argv.append("--scheduler")
         sys.stdout.flush()
         sys.stderr.flush()
         try:
@@ -138,44 +126,29 @@ def supervise(args: argparse.Namespace, child_main: Callable[[int], int]) -> int
     return watch(children, spawn, log.error)
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def cmd_send(args: argparse.Namespace) -> int:
-    from machinery.tasks.signature import Signature
+    from machinery.cli import send
 
     server = _server(args)
     try:
-        spec = server.find_task(args.task)
-        values = tuple(_parse_value(a) for a in args.args)
-        typed = spec.make_args(values) if spec is not None else None
-        sig = Signature(args.task, typed if typed is not None else values)
-        if args.queue:
-            sig.routing_key = args.queue
-        result = server.send_task(sig)
-        print(sig.uuid)
-        if args.wait:
-            try:
-                value = result.get(timeout=args.timeout)
-            except TaskError as exc:
-                print(f"FAILURE: {exc.error}", file=sys.stderr)
-                return 1
-            print(json.dumps(value, default=repr))
-        return 0
+        return send.run(server, args)
     finally:
         server.close()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """A task's stored state (JSON); without a UUID, where tasks and results go and what waits."""
     server = _server(args)
     try:
+        if not args.uuid:
+            queue = server.cnf.default_queue
+            waiting = len(server.get_broker().get_pending_tasks(queue))
+            print(server.where())
+            print(f"default queue: {queue} ({waiting} waiting)")
+            return 0
         state = server.portal.run(server.get_backend().get_state(args.uuid))
         if state is None:
-            print(f"no state stored for {args.uuid}", file=sys.stderr)
+            print(f"no state stored for {args.uuid} ({server.where()})", file=sys.stderr)
             return 1
         sys.stdout.write(state.to_json().decode() + "\n")
         return 0
@@ -198,12 +171,18 @@ def cmd_pending(args: argparse.Namespace) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    """Import the app (its register_periodic_* calls start the schedules) and keep it running."""
-    server = load_app(args.app)
+    """Import the app, run the schedules it registers until SIGINT or SIGTERM."""
+    server = load_app(args.app, args.factory)
+    names = server.periodic_tasks
+    if not names:
+        server.close()
+        raise MachineryError(f"--app {args.app}: no periodic tasks are registered "
+                             "(register them with server.register_periodic_task(...) and the like)")
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    logging.getLogger("machinery").info("scheduler running for %s", args.app)
+    server.start_scheduler()
+    logging.getLogger("machinery").info("scheduler running %s for %s", ", ".join(names), args.app)
     stop.wait()
     server.close()
     return 0
@@ -217,59 +196,116 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 # --- parser ------------------------------------------------------------------------------
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)} (any case), got {text!r}")
+    return level
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("machinery")
+    except PackageNotFoundError:  # running from a source tree
+        import machinery
+
+        return machinery.__version__
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from machinery.cli import send
+
     parser = argparse.ArgumentParser(prog="machinery", description="Distributed task queue, Go Machinery compatible.")
-    parser.add_argument("--log-level", default=os.environ.get("MACHINERY_LOG_LEVEL", "INFO"))
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"machinery {_version()}")
+    level_help = "DEBUG, INFO, WARNING, ERROR or CRITICAL (default: $MACHINERY_LOG_LEVEL, else INFO)"
+    parser.add_argument("--log-level", type=_log_level, default=None, help=level_help)
+    # Also after the subcommand; SUPPRESS keeps a value given before it when none is given after.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, help=level_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(p: argparse.ArgumentParser, app_required: bool = False) -> None:
-        p.add_argument("--app", required=app_required, help="MODULE:ATTR of your Server")
-        p.add_argument("--config", help="YAML config file (when no --app); default: environment variables")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common])
 
-    p = sub.add_parser("worker", help="run a worker")
-    with_config(p, app_required=True)
-    p.add_argument("--name", default="", help="worker tag")
-    p.add_argument("--concurrency", type=int, default=10, help="tasks at once per process (0 = no limit)")
+    def app_option(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("--app", required=required, metavar="MODULE:ATTR",
+                       help="your Server (MODULE:ATTR), or a function returning one (MODULE:FACTORY())")
+        p.add_argument("--factory", action="store_true", help="--app names a function that returns the Server")
+
+    def store_options(p: argparse.ArgumentParser) -> None:
+        app_option(p, False)
+        p.add_argument("--config", metavar="FILE.yml",
+                       help="YAML config file, instead of --app; default: the environment (BROKER, ...)")
+
+    p = command("worker", "run a worker")
+    app_option(p, True)
+    p.add_argument("--name", default="", help="worker tag (default: worker@HOSTNAME)")
+    p.add_argument("--concurrency", type=_int_at_least(0), default=10, help="tasks at once per process (0 = no limit)")
     p.add_argument("--queue", default=None, help="queue to consume (default: the config's default_queue)")
-    p.add_argument("--processes", type=int, default=1, help="worker processes under one supervisor")
+    p.add_argument("--processes", type=_int_at_least(1), default=1, help="worker processes under one supervisor")
+    p.add_argument("--scheduler", action="store_true",
+                   help="also run the app's periodic schedules (in each worker process; each tick is sent once)")
     p.add_argument("--no-preload", dest="preload", action="store_false",
                    help="with --processes > 1: import the app in each worker process, not once before forking")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("send", help="send a task (arguments are JSON values, else strings)")
-    with_config(p)
-    p.add_argument("task")
-    p.add_argument("args", nargs="*")
-    p.add_argument("--queue", default="")
-    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p = command("send", "send a task; prints its UUID (and with --wait its result)")
+    store_options(p)
+    send.add_arguments(p)
     p.set_defaults(func=cmd_send)
 
-    p = sub.add_parser("status", help="print a task's stored state")
-    with_config(p)
-    p.add_argument("uuid")
+    p = command("status", "print a task's stored state; without UUID, where tasks and results are kept")
+    store_options(p)
+    p.add_argument("uuid", nargs="?", default="", help="the task's UUID")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("pending", help="list tasks waiting in a queue")
-    with_config(p)
-    p.add_argument("queue", nargs="?", default="")
+    p = command("pending", "list tasks waiting in a queue")
+    store_options(p)
+    p.add_argument("queue", nargs="?", default="", help="queue to list (default: the config's default_queue)")
     p.add_argument("--delayed", action="store_true", help="also list tasks waiting for their ETA")
     p.set_defaults(func=cmd_pending)
 
-    p = sub.add_parser("scheduler", help="run the periodic schedules an app registers")
-    with_config(p, app_required=True)
+    p = command("scheduler", "run the periodic schedules an app registers")
+    app_option(p, True)
     p.set_defaults(func=cmd_scheduler)
 
-    p = sub.add_parser("example", help="a self-contained demo on the embedded SQLite default")
+    p = command("example", "a self-contained demo on the embedded SQLite default")
     p.add_argument("--db", default=None, help="SQLite file (default ./machinery.sqlite3)")
     p.set_defaults(func=cmd_example)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_level is None:
+        try:
+            args.log_level = _log_level(os.environ.get("MACHINERY_LOG_LEVEL", "INFO"))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"MACHINERY_LOG_LEVEL: {exc}")
+    if getattr(args, "app", None) and getattr(args, "config", None):
+        parser.error("give --app (the app's Server has its config) or --config, not both")
+    if getattr(args, "factory", False) and not getattr(args, "app", None):
+        parser.error("--factory needs --app")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code: int = args.func(args)
     except MachineryError as exc:

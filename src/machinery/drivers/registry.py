@@ -147,6 +147,24 @@ def make_lock(cnf: Config, url: str | None = None) -> Lock:
     return lock
 
 
+def describe(url: str) -> str:
+    """Where a broker, backend or lock URL points, for people: a SQLite URL as the absolute path
+    of its file (a relative one is resolved against the current directory, so processes started
+    elsewhere use other files), any other URL with its password hidden."""
+    if url.lower().startswith("sqlite:"):
+        from machinery.drivers.sqlite.db import MEMORY_PATH, URL_PREFIX
+
+        path = url[len(URL_PREFIX):] if url[:len(URL_PREFIX)].lower() == URL_PREFIX else ""
+        if not path or path == MEMORY_PATH:
+            return _redact(url)
+        return f"SQLite file {os.path.abspath(path)}"
+    if url in ("memory", "eager") or url.startswith("memory:"):
+        return "memory (this process only)"
+    if url == "null":
+        return "null (stores nothing)"
+    return _redact(url)
+
+
 def _redact(url: str) -> str:
     """The URL with any user:password@ part hidden, for error messages."""
     scheme, sep, rest = url.partition("://")

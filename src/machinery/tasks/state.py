@@ -43,7 +43,7 @@ class TaskResult:
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"TaskResult({self.type!r}, {self.value!r})"
+        return f"TaskResult(type={self.type!r}, value={self.value!r})"
 
 
 class TaskState:
@@ -100,8 +100,11 @@ class TaskState:
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        extra = f", error={self.error!r}" if self.error else ""
-        return f"TaskState({self.task_uuid!r}, {self.state!r}, results={self.results!r}{extra})"
+        """Keyword form, as the README shows it; results and error only when there are any."""
+        results = f", results={self.results!r}" if self.results else ""
+        error = f", error={self.error!r}" if self.error else ""
+        return (f"TaskState(task_uuid={self.task_uuid!r}, task_name={self.task_name!r}, "
+                f"state={self.state!r}{results}{error})")
 
 
 def state_rank(state: str) -> int:

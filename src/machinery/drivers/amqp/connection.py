@@ -10,6 +10,9 @@ multi-URL failover, which aio-pika's robust wrappers do not give.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import errno
+import logging
 import math
 import os
 import socket
@@ -18,11 +21,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import aiormq
+import pamqp.frame
 from aiormq import exceptions as amqp_exc
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+from aiormq.connection import FrameReceiver
 from pamqp import commands as spec
+from pamqp.base import Frame
+from pamqp.frame import FrameTypes
 
 from machinery.errors import ConfigError, MachineryError
 from machinery.log import get_logger
@@ -48,10 +56,59 @@ TRANSIENT_ERRORS: Final = (
 )
 MAX_INT32: Final = 2**31 - 1
 DECLARED_MAX: Final = 20_000
+#: seconds between dials while no URL answers: one log line per dial, growing to the last value
+DIAL_BACKOFF: Final = (0.5, 1.0, 2.0, 4.0, 8.0, 10.0)
 
 
 class Unavailable(ConnectionError):
     """No URL answered; retried inside the window, reported as the driver's error after it."""
+
+
+class HandshakeRefused(ConnectionError):
+    """RabbitMQ closed the connection during the handshake, with its reply code and text."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+
+
+class _Connection(aiormq.Connection):
+    """aiormq's connection, keeping the server's reason when it closes the handshake: aiormq 7
+    reports a Connection.Close received instead of Connection.OpenOk (a missing virtual host, or
+    one the user may not use) as an InvalidFrameError that has lost the reply text."""
+
+    @staticmethod
+    async def _rpc(request: Frame, writer: asyncio.StreamWriter, frame_receiver: FrameReceiver,
+                   wait_response: bool = True) -> FrameTypes | None:
+        writer.write(pamqp.frame.marshal(request, 0))
+        await writer.drain()
+        if not wait_response:
+            return None
+        _, _, frame = await frame_receiver.get_frame()
+        if isinstance(frame, spec.Connection.Close):
+            if frame.reply_code == 403:
+                raise amqp_exc.ProbableAuthenticationError(frame.reply_text)
+            raise HandshakeRefused(frame.reply_code or 0, frame.reply_text or "")
+        if request.synchronous and frame.name not in request.valid_responses:
+            raise amqp_exc.InvalidFrameError(f"Expected one of {request.valid_responses!r}, got {frame!r}")
+        return frame
+
+
+#: set while this module dials, so that aiormq's own line for a failed dial (which we report
+#: ourselves, once per retry) is dropped, and nobody else's
+_DIALING: contextvars.ContextVar[bool] = contextvars.ContextVar("machinery_amqp_dialing", default=False)
+
+
+class _QuietDials(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_DIALING.get() and str(record.msg).startswith("error when creating transport"))
+
+
+def _quiet_aiormq_dials() -> None:
+    logger = logging.getLogger("aiormq.connection")
+    if not any(isinstance(f, _QuietDials) for f in logger.filters):
+        logger.addFilter(_QuietDials())
 
 
 def split_urls(url: str, separator: str, field: str) -> list[str]:
@@ -171,7 +228,11 @@ class AMQPLink:
         self._channels: dict[str, AbstractChannel] = {}
         self._channel_locks: dict[str, asyncio.Lock] = {}
         self._down_since: float | None = None
+        self._failed_dials = 0
+        self._retry_at = 0.0  # monotonic time before which no dial is made (back-off)
+        self._last_failure = ""
         self._closed = False
+        _quiet_aiormq_dials()
 
     # --- connection ------------------------------------------------------------------------
 
@@ -188,46 +249,57 @@ class AMQPLink:
                 return conn
             if self._closed:
                 raise self.error(f"the AMQP {self.role} connection was closed")
+            if time.monotonic() < self._retry_at:
+                raise Unavailable(self._last_failure)  # backing off: the last dial said why
             return await self._dial()
+
+    def retry_in(self) -> float:
+        """Seconds until the next dial is due (0 when connected or due now)."""
+        return max(0.0, self._retry_at - time.monotonic())
 
     async def _dial(self) -> AbstractConnection:
         failures: list[str] = []
-        hopeless = True  # every URL refused us for good (credentials, certificate)
+        hopeless = True  # every URL refused us for good (credentials, virtual host, certificate)
         props: dict[str, Any] = {
             "connection_name": f"machinery {self.role} {socket.gethostname()}:{os.getpid()}",
         }
         for index, url in enumerate(self.urls):
+            token = _DIALING.set(True)
             try:
-                conn = await asyncio.wait_for(
-                    aiormq.connect(url, context=self.tls, client_properties=props), self.connect_timeout
+                conn = _Connection(url, context=self.tls, client_properties=props)
+                await asyncio.wait_for(conn.connect(), self.connect_timeout)
+            except (*TRANSIENT_ERRORS, amqp_exc.AuthenticationError) as exc:
+                cause, permanent = explain(exc, url, self.connect_timeout)
+                hopeless = hopeless and permanent
+                failures.append(f"{redact(url)}: {cause}")
+                continue
+            finally:
+                _DIALING.reset(token)
+            self._conn = conn
+            self.generation += 1
+            self.url_index = index
+            self.declared.clear()
+            self._channels.clear()
+            if self._down_since is not None:
+                get_logger().warning(
+                    "AMQP %s reconnected to %s after %.1fs", self.role, redact(url),
+                    time.monotonic() - self._down_since,
                 )
-            except (amqp_exc.AuthenticationError, amqp_exc.ProbableAuthenticationError) as exc:
-                failures.append(f"{redact(url)}: authentication failed ({exc})")
-            except TRANSIENT_ERRORS as exc:
-                if _untrusted_certificate(exc):  # retrying cannot fix it either
-                    failures.append(f"{redact(url)}: TLS certificate not trusted ({exc}); set Config.tls")
-                    continue
-                hopeless = False
-                failures.append(f"{redact(url)}: {type(exc).__name__}: {exc}")
-            else:
-                self._conn = conn
-                self.generation += 1
-                self.url_index = index
-                self.declared.clear()
-                self._channels.clear()
-                if self._down_since is not None:
-                    get_logger().warning(
-                        "AMQP %s reconnected to %s after %.1fs", self.role, redact(url),
-                        time.monotonic() - self._down_since,
-                    )
-                self._down_since = None
-                return conn
+            self._down_since = None
+            self._failed_dials = 0
+            self._retry_at = 0.0
+            return conn
+        text = "; ".join(failures)
         if hopeless:
-            raise self.error(f"AMQP {self.role}: {'; '.join(failures)}")
+            raise self.error(f"AMQP {self.role}: {text}")
         if self._down_since is None:
             self._down_since = time.monotonic()
-            get_logger().warning("AMQP %s cannot connect: %s", self.role, "; ".join(failures))
-        raise Unavailable("; ".join(failures))
+        delay = DIAL_BACKOFF[min(self._failed_dials, len(DIAL_BACKOFF) - 1)]
+        self._failed_dials += 1
+        self._retry_at = time.monotonic() + delay
+        self._last_failure = text
+        get_logger().warning("AMQP %s cannot connect: %s; retrying in %g s", self.role, text, delay)
+        raise Unavailable(text)
 
     async def channel(self, name: str, *, confirms: bool) -> AbstractChannel:
         """A shared channel by name ("publish", "declare"...), reopened when it was closed."""
@@ -277,7 +349,8 @@ class AMQPLink:
                         f"{what}: RabbitMQ not reachable at {where} within {window:g}s: {describe(exc)}"
                     ) from exc
                 get_logger().debug("AMQP %s: %s failed (%s), retrying", self.role, what, describe(exc))
-                await asyncio.sleep(min(delay, left))
+                # while no URL answers, wait for the next dial the back-off allows
+                await asyncio.sleep(min(self.retry_in() or delay, left))
                 delay = min(delay * 2, 1.0)
 
     # --- declarations ----------------------------------------------------------------------
@@ -297,6 +370,51 @@ class AMQPLink:
 
     def forget(self, key: str) -> None:
         self.declared.pop(key, None)
+
+
+def explain(exc: BaseException, url: str, timeout: float) -> tuple[str, bool]:
+    """Why a dial to `url` failed, in words, and whether retrying cannot help."""
+    parts = urlsplit(url)
+    where = f"{parts.hostname or 'localhost'}:{parts.port or (5671 if parts.scheme.lower() == 'amqps' else 5672)}"
+    user = unquote(parts.username or "guest")
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    if isinstance(exc, HandshakeRefused):
+        lowered = exc.text.lower()
+        if exc.code == 530 and "not found" in lowered:
+            return (f"virtual host {vhost!r} does not exist ({exc.text}); create it "
+                    f"(rabbitmqctl add_vhost {vhost}) or fix the URL's path"), True
+        if exc.code == 530 and "refused" in lowered:
+            return (f"access to virtual host {vhost!r} refused for user {user!r} ({exc.text}); grant it "
+                    f"(rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*')"), True
+        return f"RabbitMQ closed the connection: {exc.code} {exc.text}", False
+    if isinstance(exc, (amqp_exc.AuthenticationError, amqp_exc.ProbableAuthenticationError)):
+        return f"authentication failed for user {user!r} ({exc})", True
+    if _untrusted_certificate(exc):
+        return f"TLS certificate not trusted ({exc}); set Config.tls", True
+    if _in_chain(exc, lambda e: isinstance(e, ConnectionRefusedError) or _errno(e) == errno.ECONNREFUSED):
+        return f"connection refused: nothing listens on {where}", False
+    if _in_chain(exc, lambda e: isinstance(e, socket.gaierror)):
+        return f"host name {parts.hostname!r} not found", False
+    if isinstance(exc, TimeoutError):
+        return f"no answer from {where} within {timeout:g} s", False
+    return f"{type(exc).__name__}: {exc}", False
+
+
+def _errno(exc: BaseException) -> int | None:
+    """aiormq wraps socket errors as AMQPConnectionError((errno, text))."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno
+    first = exc.args[0] if exc.args else None
+    return first if isinstance(first, int) else None
+
+
+def _in_chain(exc: BaseException, test: Callable[[BaseException], bool]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if test(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _untrusted_certificate(exc: BaseException) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import secrets
 import sqlite3
 import time
@@ -24,6 +25,7 @@ from machinery.drivers.broker import Broker, Delivery
 from machinery.drivers.sqlite.db import Schema, SQLiteDB, immediate, sqlite_path
 from machinery.drivers.sqlite.doorbell import Doorbell
 from machinery.errors import BrokerError
+from machinery.log import get_logger
 from machinery.tasks.signature import Signature
 from machinery.waiters import Waiters
 
@@ -52,6 +54,15 @@ SCHEMA = Schema("broker", 1, (
         attempts INTEGER NOT NULL,
         created_ns INTEGER NOT NULL
     )""",
+    # The last worker started on each queue, so that a producer writing to a file no worker has
+    # ever used (a relative path resolved in another directory) is told so. Added without a
+    # version bump: older releases neither need nor mind it.
+    """CREATE TABLE IF NOT EXISTS machinery_workers (
+        queue TEXT PRIMARY KEY,
+        worker TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_ns INTEGER NOT NULL
+    ) WITHOUT ROWID""",
 ))
 
 _INSERT = (
@@ -75,6 +86,7 @@ _DEAD = (
     "SELECT queue, body, ?, attempts, ? FROM machinery_messages WHERE id = ? AND lease_token = ?"
 )
 
+_NOTE_WORKER = "INSERT OR REPLACE INTO machinery_workers (queue, worker, pid, started_ns) VALUES (?, ?, ?, ?)"
 _MIN_POLL = 0.002
 
 _ClaimResult = tuple[list[tuple[int, bytes, int]], "int | None"]  # (id, body, attempts) rows, next visible_ns
@@ -94,6 +106,8 @@ class SQLiteBroker(Broker):
         )
         self._waiters = Waiters()
         self._bell = Doorbell(self.path, "broker", self._waiters.notify)
+        #: queues whose worker record this object has looked up (once each: the warning is a hint)
+        self._looked_up: set[str] = set()
 
     def _route(self, sig: Signature) -> str:
         return sig.routing_key or self.cnf.default_queue
@@ -112,14 +126,28 @@ class SQLiteBroker(Broker):
             return
         rows = [(self._route(sig), bytes(body), eta_ns) for sig, body, eta_ns in items]
         bell = self._bell
+        look_up = {row[0] for row in rows} - self._looked_up
+        self._looked_up |= look_up
 
-        def insert(conn: sqlite3.Connection) -> set[str]:
+        def insert(conn: sqlite3.Connection) -> tuple[set[str], list[str]]:
             queues = _insert(rows, conn)
             bell.ring(queues)  # right after the commit, from the database thread
-            return queues
+            return queues, _never_consumed(look_up, conn) if look_up else []
 
-        for queue in await self._db.run(insert):
+        queues, unseen = await self._db.run(insert)
+        for queue in queues:
             self._waiters.notify(queue)
+        for queue in unseen:
+            get_logger().warning(
+                "no worker has ever consumed queue %r from the SQLite file %s: tasks wait there until one "
+                "does. Is your worker using another file? A relative sqlite:/// URL, such as Config()'s "
+                "default ./machinery.sqlite3, is resolved against each process's current directory.",
+                queue, self.path)
+
+    async def note_worker(self, queue: str, worker: str) -> None:
+        """Record that `worker` consumes `queue` from this file (called by the worker at start)."""
+        row = (queue, worker, os.getpid(), time.time_ns())
+        await self._db.run(partial(_executemany, _NOTE_WORKER, [row]))
 
     # --- consuming -------------------------------------------------------------------------
 
@@ -259,6 +287,13 @@ def _insert(rows: Sequence[tuple[str, bytes, int | None]], conn: sqlite3.Connect
     with immediate(conn):
         conn.executemany(_INSERT, values)
     return {row[0] for row in values}
+
+
+def _never_consumed(queues: set[str], conn: sqlite3.Connection) -> list[str]:
+    """The queues no worker has ever been started on in this file."""
+    known = {row[0] for row in conn.execute(
+        f"SELECT queue FROM machinery_workers WHERE queue IN ({','.join('?' * len(queues))})", tuple(queues))}
+    return sorted(queues - known)
 
 
 def _claim(queue: str, max_count: int, lease_ns: int, token: int, conn: sqlite3.Connection) -> _ClaimResult:
