@@ -5,16 +5,25 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid as _uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, Unpack, overload
 
 from machinery import registry
 from machinery.config import Config
-from machinery.errors import MachineryError, TaskNotRegisteredError
+from machinery.context import TaskContext
+from machinery.errors import MachineryError, OptionError, TaskNotRegisteredError
+from machinery.options import TaskDefaults, check_defaults
 from machinery.portal import Portal
 from machinery.result import AsyncResult, ChainAsyncResult, ChordAsyncResult, GroupAsyncResult
-from machinery.task import Task, TaskSpec
+from machinery.task import (
+    ContextTask,
+    CoroutineContextTask,
+    CoroutineTask,
+    FunctionTask,
+    TaskSpec,
+    task_class,
+)
 from machinery.tasks import gojson
 from machinery.tasks.signature import Signature, encode_signature
 from machinery.tasks.state import PENDING, TaskState
@@ -28,9 +37,21 @@ if TYPE_CHECKING:
     from machinery.periodic import PeriodicScheduler
     from machinery.worker import Worker
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _UUID_VERSION = bytes((b & 0x0F) | 0x40 for b in range(256))  # byte 6: version 4
 _UUID_VARIANT = bytes((b & 0x3F) | 0x80 for b in range(256))  # byte 8: RFC 4122 variant
+
+
+def _check_signature(sig: Signature) -> None:
+    """Refuse what would only fail later, on a worker or in a driver."""
+    if not sig.name:
+        raise MachineryError("a Signature needs a task name")
+    if sig.eta is not None and not isinstance(sig.eta, datetime):
+        raise OptionError(f"task {sig.name!r}: Signature.eta must be a datetime (naive = UTC), got "
+                          f"{type(sig.eta).__name__} {sig.eta!r}; Task.with_options takes eta=timedelta "
+                          "or countdown=seconds")
 
 
 def new_task_uuids(n: int) -> list[str]:
@@ -43,6 +64,32 @@ def new_task_uuids(n: int) -> list[str]:
         f"task_{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
         for i in range(0, 32 * n, 32)
     ]
+
+
+class TaskDecorator:
+    """What `@server.task(...)` with options returns: registers the function it decorates."""
+
+    def __init__(self, server: Server, name: str | None, options: Mapping[str, Any]) -> None:
+        self._server = server
+        self._name = name
+        self._options = dict(options)
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]], /) -> CoroutineContextTask[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[Concatenate[TaskContext, P], R], /) -> ContextTask[P, R]: ...
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> CoroutineTask[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> FunctionTask[P, R]: ...
+
+    def __call__(self, fn: Callable[..., Any], /) -> Any:
+        name = self._name or str(getattr(fn, "__name__", ""))
+        self._server.register_task(name, fn, **self._options)
+        spec = self._server.get_registered_task(name)
+        return task_class(spec)(self._server, spec)
 
 
 class Server:
@@ -76,32 +123,45 @@ class Server:
 
     # --- registry --------------------------------------------------------------------------
 
-    def register_task(self, name: str, fn: Callable[..., Any], **options: Any) -> None:
-        """Register `fn` under `name`; options (retry_count, ...) become signature defaults."""
+    def register_task(self, name: str, fn: Callable[..., Any], **options: Unpack[TaskDefaults]) -> None:
+        """Register `fn` under `name`; options (retry_count, ...) become signature defaults; an
+        unknown option raises OptionError."""
         if not name:
             raise MachineryError("task name must not be empty")
-        self._tasks[name] = TaskSpec.build(name, fn, **options)
+        self._tasks[name] = TaskSpec.build(name, fn, **check_defaults(name, options))
 
     def register_tasks(self, tasks: Mapping[str, Callable[..., Any]]) -> None:
         for name, fn in tasks.items():
             self.register_task(name, fn)
 
+    # A first parameter annotated TaskContext is left out of P: the worker passes the context.
+    # An `async def` gives Coroutine[Any, Any, R]: R is what awaiting it gives. The overloads are
+    # tried in this order, so the specific ones overlap the general ones on purpose.
     @overload
-    def task(self, fn: Callable[..., Any], /, **options: Any) -> Task[Any, Any]: ...
+    def task(  # type: ignore[overload-overlap]
+        self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]], /, *,
+        name: str | None = None, **options: Unpack[TaskDefaults]) -> CoroutineContextTask[P, R]: ...
     @overload
-    def task(self, fn: None = None, /, **options: Any) -> Callable[[Callable[..., Any]], Task[Any, Any]]: ...
-
     def task(
-        self, fn: Callable[..., Any] | None = None, /, **options: Any
-    ) -> Task[Any, Any] | Callable[[Callable[..., Any]], Task[Any, Any]]:
-        """Decorator: register a function under its name (or `name=`), keeping it callable."""
+        self, fn: Callable[Concatenate[TaskContext, P], R], /, *,
+        name: str | None = None, **options: Unpack[TaskDefaults]) -> ContextTask[P, R]: ...
+    @overload
+    def task(  # type: ignore[overload-overlap]
+        self, fn: Callable[P, Coroutine[Any, Any, R]], /, *,
+        name: str | None = None, **options: Unpack[TaskDefaults]) -> CoroutineTask[P, R]: ...
+    @overload
+    def task(self, fn: Callable[P, R], /, *,
+             name: str | None = None, **options: Unpack[TaskDefaults]) -> FunctionTask[P, R]: ...
+    @overload
+    def task(self, fn: None = None, /, *,
+             name: str | None = None, **options: Unpack[TaskDefaults]) -> TaskDecorator: ...
 
-        def wrap(f: Callable[..., Any]) -> Task[Any, Any]:
-            task_name = str(options.pop("name", None) or getattr(f, "__name__", ""))
-            self.register_task(task_name, f, **options)
-            return Task(self, self._tasks[task_name])
-
-        return wrap(fn) if fn is not None else wrap
+    def task(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
+             **options: Unpack[TaskDefaults]) -> Any:
+        """Decorator: register a function under its name (or `name=`), keeping it callable;
+        `@server.task(name=..., retry_count=3)` sets the task's defaults."""
+        decorator = TaskDecorator(self, name, options)
+        return decorator(fn) if fn is not None else decorator
 
     def is_task_registered(self, name: str) -> bool:
         return name in self._tasks
@@ -140,6 +200,7 @@ class Server:
     def _prepare(self, sig: Signature) -> None:
         if not isinstance(sig, Signature):
             raise MachineryError(f"expected a Signature, got {type(sig).__name__}")
+        _check_signature(sig)
         if not sig.uuid:
             sig.uuid = new_task_uuids(1)[0]
         if not sig.routing_key:
@@ -181,6 +242,8 @@ class Server:
         for sig in sigs:  # _prepare, inlined: this loop is the cost of a bulk send
             if not isinstance(sig, Signature):
                 raise MachineryError(f"expected a Signature, got {type(sig).__name__}")
+            if not sig.name or (sig.eta is not None and not isinstance(sig.eta, datetime)):
+                _check_signature(sig)
             if not sig.uuid:
                 if fresh is None:
                     fresh = iter(new_task_uuids(len(sigs)))
@@ -211,17 +274,29 @@ class Server:
             await self._backend.set_pending(states)
             await self._broker.publish_many(items)
 
-    async def asend_task(self, sig: Signature) -> AsyncResult:
+    def _check_sends(self, sigs: Iterable[Signature]) -> None:
+        """Refuse argument counts that the function registered here under the signature's name
+        cannot take (the task would fail on the worker)."""
+        tasks = self._tasks
+        if tasks:
+            for sig in sigs:
+                spec = tasks.get(sig.name) if isinstance(sig, Signature) else None
+                if spec is not None:
+                    spec.check_count(len(sig.args))
+
+    async def asend_task(self, sig: Signature) -> AsyncResult[Any]:
         """Send one task; it runs now, or at `sig.eta`."""
+        self._check_sends((sig,))
         with self.tracing.send("SendTask", [sig]):
             await self.dispatch([sig])
         return AsyncResult(sig, self._backend, self.portal)
 
-    def send_task(self, sig: Signature) -> AsyncResult:
+    def send_task(self, sig: Signature) -> AsyncResult[Any]:
         send = self._blocking_send
         if send is None:
-            result: AsyncResult = self.portal.run(self.asend_task(sig))
+            result: AsyncResult[Any] = self.portal.run(self.asend_task(sig))
             return result
+        self._check_sends((sig,))
         # In the caller's thread where the driver can (see Backend.blocking_send): one command,
         # without the hand-over to the portal's thread, which costs more than the command.
         with self.tracing.send("SendTask", [sig]):
@@ -230,22 +305,24 @@ class Server:
                 self.portal.run(self._publish(states, items, {}))
         return AsyncResult(sig, self._backend, self.portal)
 
-    async def asend_tasks(self, sigs: Iterable[Signature]) -> list[AsyncResult]:
+    async def asend_tasks(self, sigs: Iterable[Signature]) -> list[AsyncResult[Any]]:
         """Send many independent tasks in one batch (one round trip per store where the driver can)."""
         batch = list(sigs)
+        self._check_sends(batch)
         with self.tracing.send("SendTasks", batch):
             await self.dispatch(batch)
         return [AsyncResult(s, self._backend, self.portal) for s in batch]
 
-    def send_tasks(self, sigs: Iterable[Signature]) -> list[AsyncResult]:
-        result: list[AsyncResult] = self.portal.run(self.asend_tasks(list(sigs)))
+    def send_tasks(self, sigs: Iterable[Signature]) -> list[AsyncResult[Any]]:
+        result: list[AsyncResult[Any]] = self.portal.run(self.asend_tasks(list(sigs)))
         return result
 
-    async def asend_group(self, group: Group, send_concurrency: int = 0) -> list[AsyncResult]:
+    async def asend_group(self, group: Group, send_concurrency: int = 0) -> list[AsyncResult[Any]]:
         """Record the group, then publish its members; send_concurrency > 0 publishes in chunks of that size."""
         if not isinstance(group, Group):
             raise MachineryError(f"send_group needs a Group, got {type(group).__name__}")
         sigs = group.signatures
+        self._check_sends(sigs)
         for sig in sigs:
             self._prepare(sig)
         with self.tracing.send("SendGroup", workflow="group"):
@@ -258,8 +335,8 @@ class Server:
                 await self.dispatch(sigs)
         return [AsyncResult(s, self._backend, self.portal) for s in sigs]
 
-    def send_group(self, group: Group, send_concurrency: int = 0) -> list[AsyncResult]:
-        result: list[AsyncResult] = self.portal.run(self.asend_group(group, send_concurrency))
+    def send_group(self, group: Group, send_concurrency: int = 0) -> list[AsyncResult[Any]]:
+        result: list[AsyncResult[Any]] = self.portal.run(self.asend_group(group, send_concurrency))
         return result
 
     async def asend_chord(self, chord: Chord, send_concurrency: int = 0) -> ChordAsyncResult:
@@ -279,7 +356,7 @@ class Server:
         """Send the chain's first step; each later step is sent by the worker that finishes the one before."""
         if not isinstance(chain, Chain):
             raise MachineryError(f"send_chain needs a Chain, got {type(chain).__name__}")
-        steps: list[AsyncResult | GroupAsyncResult] = []
+        steps: list[AsyncResult[Any] | GroupAsyncResult] = []
         for step in chain.steps:
             if isinstance(step, Signature):
                 self._prepare(step)
@@ -291,6 +368,7 @@ class Server:
                 steps.append(GroupAsyncResult(
                     [AsyncResult(s, self._backend, self.portal) for s in step.signatures], self.portal))
         first = chain.first()
+        self._check_sends([first] if isinstance(first, Signature) else [])
         with self.tracing.send("SendChain", workflow="chain"):
             if isinstance(first, Signature):
                 await self.dispatch([first])
