@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import uuid as _uuid
+import weakref
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, Unpack, overload
@@ -12,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, Unpack, 
 from machinery import registry
 from machinery.config import Config
 from machinery.context import TaskContext
-from machinery.errors import MachineryError, OptionError, TaskNotRegisteredError
+from machinery.errors import MachineryError, OptionError, ServerClosedError, TaskNotRegisteredError
+from machinery.log import get_logger
 from machinery.options import TaskDefaults, check_defaults
 from machinery.portal import Portal
 from machinery.result import AsyncResult, ChainAsyncResult, ChordAsyncResult, GroupAsyncResult
@@ -120,6 +123,11 @@ class Server:
         #: OpenTelemetry spans of sends and task runs (no-ops without the opentelemetry-api package);
         #: `tracer_provider` overrides the global provider
         self.tracing = Tracer(tracer_provider)
+        self._closed = False
+        # Closes the Server at interpreter exit if the program did not: the portal's loop would
+        # otherwise be dropped with pending tasks (a driver's reader) and asyncio complain.
+        self._exit_hook = _exit_hook(self)
+        atexit.register(self._exit_hook)
 
     # --- registry --------------------------------------------------------------------------
 
@@ -275,8 +283,10 @@ class Server:
             await self._broker.publish_many(items)
 
     def _check_sends(self, sigs: Iterable[Signature]) -> None:
-        """Refuse argument counts that the function registered here under the signature's name
-        cannot take (the task would fail on the worker)."""
+        """Refuse sends on a closed Server, and argument counts that the function registered here
+        under the signature's name cannot take (the task would fail on the worker)."""
+        if self._closed:
+            raise ServerClosedError("this machinery Server is closed")
         tasks = self._tasks
         if tasks:
             for sig in sigs:
@@ -388,6 +398,7 @@ class Server:
         """A worker consuming `queue` (default queue when None); concurrency 0 = no limit, 1 = serial."""
         from machinery.worker import Worker
 
+        self._check_open()
         return Worker(self, tag or f"worker_{_uuid.uuid4().hex[:8]}", concurrency, queue)
 
     def new_custom_queue_worker(self, tag: str, concurrency: int, queue: str) -> Worker:
@@ -407,7 +418,10 @@ class Server:
         scheduler.start(self.portal)
 
     def register_periodic_task(self, spec: str, name: str, signature: Signature) -> None:
-        """Send a fresh copy of `signature` on every tick of the cron `spec`, once across processes."""
+        """Send a fresh copy of `signature` on every tick of the cron `spec`, once across processes;
+        a bad spec raises CronError (a ConfigError) here."""
+        _expect(signature, Signature, "register_periodic_task")
+        self._check_sends([signature])
         template = fresh_copy(signature)
 
         async def fire() -> None:
@@ -417,6 +431,8 @@ class Server:
         self._start_periodic()
 
     def register_periodic_group(self, spec: str, name: str, group: Group, send_concurrency: int = 0) -> None:
+        _expect(group, Group, "register_periodic_group")
+        self._check_sends(group.signatures)
         template = group.copy()
 
         async def fire() -> None:
@@ -426,6 +442,9 @@ class Server:
         self._start_periodic()
 
     def register_periodic_chain(self, spec: str, name: str, chain: Chain) -> None:
+        _expect(chain, Chain, "register_periodic_chain")
+        first = chain.first()
+        self._check_sends([first] if isinstance(first, Signature) else [])
         template = chain.copy()
 
         async def fire() -> None:
@@ -435,6 +454,8 @@ class Server:
         self._start_periodic()
 
     def register_periodic_chord(self, spec: str, name: str, chord: Chord, send_concurrency: int = 0) -> None:
+        _expect(chord, Chord, "register_periodic_chord")
+        self._check_sends(chord.group.signatures)
         template = chord.copy()
 
         async def fire() -> None:
@@ -445,22 +466,90 @@ class Server:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    async def aclose(self) -> None:
-        if self._scheduler is not None:
-            await self._scheduler.astop()
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ServerClosedError("this machinery Server is closed")
+
+    async def _close_drivers(self) -> None:
+        """Release the broker's and backend's connections made on the running loop."""
         await asyncio.gather(self._broker.close(), self._backend.close(), return_exceptions=True)
 
-    def close(self) -> None:
-        """Stop background schedules and release connections."""
+    async def aclose(self) -> None:
+        """close()'s awaitable twin: stops schedules, releases the connections of this loop and of
+        the sync facade's loop, and ends that loop's thread. Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._exit_hook)
         if self._scheduler is not None:
-            self._scheduler.stop()
+            await self._scheduler.astop()
+        await self._close_drivers()
+        if self.portal.in_portal():
+            self.portal.close()  # from its own loop: it stops once this task is done
+        elif self.portal.started:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(self.portal.submit(self._close_drivers())), 10)
+            finally:
+                await asyncio.to_thread(self.portal.close)
+        else:
+            self.portal.close()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop background schedules, release connections and end the sync facade's loop thread.
+        Closing again does nothing; sending or waiting afterwards raises ServerClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._exit_hook)
         try:
-            self.portal.run(self.aclose(), timeout=10)
+            if self._scheduler is not None:
+                self._scheduler.stop()
+            self.portal.run(self._close_drivers(), timeout=timeout)
         finally:
             self.portal.close()
+
+    def _close_at_exit(self) -> None:
+        if self._closed:
+            return
+        if not self.portal.started:  # nothing of ours runs on a loop: the OS closes the sockets
+            self._closed = True
+            self.portal.close()
+            return
+        try:
+            self.close(timeout=2.0)
+        except Exception as exc:  # at exit: say why, never raise
+            get_logger().debug("closing the Server at exit failed: %s", exc)
 
     def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _expect(value: object, kind: type, where: str) -> None:
+    if not isinstance(value, kind):
+        raise MachineryError(f"{where} needs a {kind.__name__}, got {type(value).__name__}")
+
+
+def _exit_hook(server: Server) -> Callable[[], None]:
+    """An atexit function that closes `server` if it is still alive and open; it holds the
+    Server weakly, and unregisters itself when the Server is collected."""
+
+    def close_at_exit() -> None:
+        alive = ref()
+        if alive is not None:
+            alive._close_at_exit()
+
+    ref = weakref.ref(server, lambda _: atexit.unregister(close_at_exit))
+    return close_at_exit

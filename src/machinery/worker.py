@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 from machinery import loops
 from machinery.committer import Committer
 from machinery.context import TaskContext
-from machinery.errors import ArgTypeError, DecodeError, MachineryError, RetryTaskLater
+from machinery.errors import (
+    ArgTypeError,
+    DecodeError,
+    MachineryError,
+    RetryTaskLater,
+    ServerClosedError,
+    UsageError,
+)
 from machinery.log import get_logger
 from machinery.retry import fibonacci_next
 from machinery.tasks import gojson
@@ -97,7 +104,7 @@ class Worker:
         except RuntimeError:
             pass
         else:
-            raise MachineryError("Worker.launch() blocks; inside an event loop use `await worker.alaunch()`")
+            raise UsageError("Worker.launch() blocks; inside an event loop use `await worker.alaunch()`")
         install = threading.current_thread() is threading.main_thread() and not self.server.cnf.no_unix_signals
         loops.run(self.alaunch(_signals=install), self.server.cnf.event_loop)
 
@@ -109,13 +116,16 @@ class Worker:
             try:
                 loops.run(self.alaunch(), self.server.cnf.event_loop)
             except BaseException as exc:
+                self._stopped.set()  # quit() must not wait for a worker that never started
                 future.set_exception(exc)
             else:
                 future.set_result(None)
 
         self._stopped.clear()
         threading.Thread(target=run, name=f"machinery-worker-{self.tag}", daemon=True).start()
-        self._running.wait(10)
+        deadline = time.monotonic() + 10
+        while not self._running.wait(0.01) and not future.done() and time.monotonic() < deadline:
+            pass  # running, or failed to start (the future holds why)
         return future
 
     def quit(self, timeout: float | None = 30.0) -> None:
@@ -156,6 +166,8 @@ class Worker:
 
     async def alaunch(self, _signals: bool = False) -> None:
         """Run the worker on the current event loop until quit() or a signal."""
+        if self.server.closed:
+            raise ServerClosedError("this worker's Server is closed")
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._stop = asyncio.Event()
