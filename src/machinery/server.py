@@ -79,6 +79,13 @@ class TaskDecorator:
 
     @overload
     def __call__(  # type: ignore[overload-overlap]
+        self, fn: Callable[Concatenate[object, P], Coroutine[Any, Any, R]], /,
+    ) -> CoroutineTask[Concatenate[object, P], R]: ...
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, fn: Callable[Concatenate[object, P], R], /) -> FunctionTask[Concatenate[object, P], R]: ...
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
         self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]], /) -> CoroutineContextTask[P, R]: ...
     @overload
     def __call__(self, fn: Callable[Concatenate[TaskContext, P], R], /) -> ContextTask[P, R]: ...
@@ -144,7 +151,16 @@ class Server:
 
     # A first parameter annotated TaskContext is left out of P: the worker passes the context.
     # An `async def` gives Coroutine[Any, Any, R]: R is what awaiting it gives. The overloads are
-    # tried in this order, so the specific ones overlap the general ones on purpose.
+    # tried in this order, so the specific ones overlap the general ones on purpose; the first two
+    # keep a first parameter typed `object` (which would also take a TaskContext) in P.
+    @overload
+    def task(  # type: ignore[overload-overlap]
+        self, fn: Callable[Concatenate[object, P], Coroutine[Any, Any, R]], /, *,
+        name: str | None = None, **options: Unpack[TaskDefaults]) -> CoroutineTask[Concatenate[object, P], R]: ...
+    @overload
+    def task(  # type: ignore[overload-overlap]
+        self, fn: Callable[Concatenate[object, P], R], /, *,
+        name: str | None = None, **options: Unpack[TaskDefaults]) -> FunctionTask[Concatenate[object, P], R]: ...
     @overload
     def task(  # type: ignore[overload-overlap]
         self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]], /, *,

@@ -245,7 +245,8 @@ class Task(Generic[P, R]):
         self._options: dict[str, Any] = dict(options or {})
 
     def with_options(self, **options: Unpack[SendOptions]) -> Task[P, R]:
-        """This task with send options set for the sends made through the returned handle."""
+        """A handle on this task whose sends (and signatures) carry these options; the task
+        itself is unchanged. A relative eta or countdown counts from each send."""
         given: Mapping[str, Any] = options
         unknown = sorted(set(given) - SEND_NAMES)
         if unknown:

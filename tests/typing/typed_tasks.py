@@ -6,7 +6,7 @@ reported. The expected messages must sit on their lines, hence the long lines.""
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import reveal_type
+from typing import Any, reveal_type
 
 from machinery import Chain, Server, Signature, TaskContext
 
@@ -46,10 +46,22 @@ def nothing() -> None:
     return None
 
 
+@server.task
+def describe(value: object, width: int) -> str:  # `object` would take a TaskContext too: still an argument
+    return str(value)[:width]
+
+
+@server.task
+def loose(value: Any, width: int) -> str:  # Any makes the kind ambiguous: mypy gives up (Any), no false error
+    return str(value)[:width]
+
+
 reveal_type(add)  # N: Revealed type is "machinery.task.FunctionTask[[x: int, y: int], int]"
 reveal_type(aadd)  # N: Revealed type is "machinery.task.CoroutineTask[[x: int, y: int =], int]"
 reveal_type(multiply)  # N: Revealed type is "machinery.task.CoroutineTask[[*args: int], int]"
 reveal_type(resize)  # N: Revealed type is "machinery.task.ContextTask[[url: str], str]"
+reveal_type(describe)  # N: Revealed type is "machinery.task.FunctionTask[[object, width: int], str]"
+reveal_type(loose)  # N: Revealed type is "Any"
 reveal_type(aresize)  # N: Revealed type is "machinery.task.CoroutineContextTask[[url: str, width: int], tuple[str, int]]"
 
 res = add.send(1, 2)
@@ -67,6 +79,8 @@ reveal_type(add.s(1, 2))  # N: Revealed type is "machinery.tasks.signature.Signa
 reveal_type(server.send_chain(Chain(add.s(1, 2), add.partial(3))).get())  # N: Revealed type is "Any"
 reveal_type(add(1, 2))  # N: Revealed type is "int"
 reveal_type(resize(TaskContext(Signature("resize")), "a.png"))  # N: Revealed type is "str"
+reveal_type(describe.send(3.5, 2).get())  # N: Revealed type is "str"
+loose.send(1, 2)
 
 add.send(1, "2")  # E: Argument 2 to "send" of "Task" has incompatible type "str"; expected "int"  [arg-type]
 add.send(1)  # E: Missing positional argument "y" in call to "send" of "Task"  [call-arg]
@@ -76,6 +90,7 @@ add.send(1, 2, eta=timedelta(seconds=2))  # E: Unexpected keyword argument "eta"
 add.s(1, "2")  # E: Argument 2 has incompatible type "str"; expected "int"  [arg-type]
 multiply.send(1, "2")  # E: Argument 2 to "send" of "Task" has incompatible type "str"; expected "int"  [arg-type]
 resize.send(TaskContext(Signature("resize")), "a.png")  # E: Too many arguments for "send" of "Task"  [call-arg]  # E: Argument 1 to "send" of "Task" has incompatible type "TaskContext"; expected "str"  [arg-type]
+describe.send(3.5, "2")  # E: Argument 2 to "send" of "Task" has incompatible type "str"; expected "int"  [arg-type]
 resize.send(3)  # E: Argument 1 to "send" of "Task" has incompatible type "int"; expected "str"  [arg-type]
 add.with_options(retry_cout=3)  # E: Unexpected keyword argument "retry_cout" for "with_options" of "Task"; did you mean "retry_count" or "retry_timeout"?  [call-arg]
 add.with_options(countdown="3")  # E: Argument "countdown" to "with_options" of "Task" has incompatible type "str"; expected "float"  [arg-type]
