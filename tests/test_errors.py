@@ -67,6 +67,7 @@ def task(server: Server, name: str) -> Any:
 @pytest.mark.parametrize("label, call, kind, builtin", [
     ("bad config value", lambda s: Config(results_expire_in=-1), ConfigError, ValueError),
     ("bad config type", lambda s: Config(default_queue=5), ConfigError, ValueError),
+    ("unknown config field", lambda s: Config(brokr="redis://"), ConfigError, ValueError),  # type: ignore[call-arg]
     ("bad event loop", lambda s: Config(event_loop="trio"), ConfigError, ValueError),
     ("not a config", lambda s: Server("redis://"), MachineryError, None),  # type: ignore[arg-type]
     ("bad URL", lambda s: Server(Config(broker="redis://:x:y", result_backend="memory://")), ConfigError, ValueError),
