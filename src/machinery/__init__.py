@@ -12,9 +12,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from machinery.config import Config
     from machinery.context import TaskContext
-    from machinery.errors import MachineryError, RetryTaskLater, TaskError, TimeoutError
+    from machinery.errors import (
+        MachineryError,
+        OptionError,
+        RetryTaskLater,
+        ServerClosedError,
+        TaskArgumentsError,
+        TaskError,
+        TimeoutError,
+    )
     from machinery.result import AsyncResult, ChainAsyncResult, ChordAsyncResult, GroupAsyncResult
     from machinery.server import Server
+    from machinery.task import Task
     from machinery.tasks.signature import Arg, Signature
     from machinery.tasks.state import TaskResult, TaskState
     from machinery.tasks.workflow import Chain, Chord, Group
@@ -24,10 +33,11 @@ _HOMES = {
     "Config": "machinery.config",
     "TaskContext": "machinery.context",
     "MachineryError": "machinery.errors", "RetryTaskLater": "machinery.errors", "TaskError": "machinery.errors",
-    "TimeoutError": "machinery.errors",
+    "TimeoutError": "machinery.errors", "OptionError": "machinery.errors", "ServerClosedError": "machinery.errors",
+    "TaskArgumentsError": "machinery.errors",
     "AsyncResult": "machinery.result", "ChainAsyncResult": "machinery.result",
     "ChordAsyncResult": "machinery.result", "GroupAsyncResult": "machinery.result",
-    "Server": "machinery.server",
+    "Server": "machinery.server", "Task": "machinery.task",
     "Arg": "machinery.tasks.signature", "Signature": "machinery.tasks.signature",
     "TaskResult": "machinery.tasks.state", "TaskState": "machinery.tasks.state",
     "Chain": "machinery.tasks.workflow", "Chord": "machinery.tasks.workflow", "Group": "machinery.tasks.workflow",
@@ -36,8 +46,9 @@ _HOMES = {
 
 __all__ = [
     "Arg", "AsyncResult", "Chain", "ChainAsyncResult", "Chord", "ChordAsyncResult", "Config", "Group",
-    "GroupAsyncResult", "MachineryError", "RetryTaskLater", "Server", "Signature", "TaskContext",
-    "TaskError", "TaskResult", "TaskState", "TimeoutError", "Worker",
+    "GroupAsyncResult", "MachineryError", "OptionError", "RetryTaskLater", "Server", "ServerClosedError",
+    "Signature", "Task", "TaskArgumentsError", "TaskContext", "TaskError", "TaskResult", "TaskState",
+    "TimeoutError", "Worker",
 ]
 __version__ = "0.1.0"
 

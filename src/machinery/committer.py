@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
+from machinery.errors import UsageError
 from machinery.log import get_logger
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class Committer:
             self._paired[state.task_uuid] = ack
         if send is not None:
             if not self.carries_sends:
-                raise RuntimeError("this committer cannot send follow-up tasks")
+                raise UsageError("this committer cannot send follow-up tasks")
             self._sends.append(send)
         self.put_state(state)
         await fut

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, get_type_hints
+from typing import Any, ClassVar, Self, get_type_hints
 
 from machinery.errors import ConfigError
 from machinery.log import get_logger
@@ -32,6 +32,17 @@ class _Section:
     _env_names: ClassVar[dict[str, str]] = {}
     _yaml_names: ClassVar[dict[str, str]] = {}
     _prefix: ClassVar[str] = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        # The dataclass __init__ would refuse an unknown keyword with a bare TypeError; this
+        # names the field the way a YAML file's unknown key is named.
+        if kwargs:
+            known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+            unknown = sorted(k for k in kwargs if k not in known)
+            if unknown:
+                raise ConfigError(f"unknown config field{'s' if len(unknown) > 1 else ''} "
+                                  f"{', '.join(cls._prefix + k for k in unknown)}")
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))

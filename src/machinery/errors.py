@@ -34,6 +34,25 @@ class TaskNotRegisteredError(MachineryError, LookupError):
     """No task function is registered under the requested name."""
 
 
+class TaskArgumentsError(MachineryError, TypeError):
+    """A send's arguments do not fit the task function's parameters (count, names), checked by
+    the producer before anything is sent, as Python checks a call."""
+
+
+class OptionError(MachineryError, TypeError):
+    """An option a send or a registration does not take (the message names it), or a value it
+    cannot use: eta and countdown together, an eta that is not a time."""
+
+
+class UsageError(MachineryError, RuntimeError):
+    """A call the object's state does not allow, e.g. a blocking call made on the library's own
+    event-loop thread, or a periodic scheduler started twice."""
+
+
+class ServerClosedError(UsageError):
+    """The Server was closed: it sends, waits and starts workers no more."""
+
+
 class TaskError(MachineryError):
     """A task ended in FAILURE; `error` holds the stored error text."""
 

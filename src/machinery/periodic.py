@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from machinery import cron
+from machinery.errors import ConfigError, UsageError
 from machinery.log import get_logger
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class PeriodicScheduler:
     def __init__(self, lock: Lock, program: str | None = None, *, go_compatible: bool = True,
                  max_clock_skew: float = 60.0) -> None:
         if max_clock_skew < 0:
-            raise ValueError(f"max_clock_skew must be >= 0, got {max_clock_skew}")
+            raise ConfigError(f"max_clock_skew must be >= 0, got {max_clock_skew}")
         self.lock = lock
         self.program = "" if program is None else program
         self.go_compatible = go_compatible
@@ -140,7 +141,7 @@ class PeriodicScheduler:
         changed = asyncio.Event()
         with self._mutex:
             if self._loop is not None:
-                raise RuntimeError("this PeriodicScheduler is already running")
+                raise UsageError("this PeriodicScheduler is already running")
             self._loop, self._changed = asyncio.get_running_loop(), changed
             self._task = asyncio.current_task()
         tasks: dict[str, tuple[_Entry, asyncio.Task[None]]] = {}
@@ -175,7 +176,7 @@ class PeriodicScheduler:
             if self._bg is not None and not self._bg[0].done():
                 if self._bg[2] is portal:
                     return  # already running there; schedules added later are picked up
-                raise RuntimeError("this PeriodicScheduler is already started on another portal")
+                raise UsageError("this PeriodicScheduler is already started on another portal")
 
         async def spawn() -> asyncio.Task[None]:
             return asyncio.create_task(self.run(), name="machinery-periodic")

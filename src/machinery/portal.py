@@ -12,13 +12,14 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from machinery.errors import ServerClosedError, TimeoutError, UsageError
 from machinery.loops import loop_factory
 
 T = TypeVar("T")
 
 
 class Portal:
-    """Owns one event loop running in a daemon thread, started on first use."""
+    """Owns one event loop running in a daemon thread, started on first use, until close()."""
 
     def __init__(self, name: str = "machinery-portal", event_loop: str = "auto") -> None:
         self._name = name
@@ -26,10 +27,22 @@ class Portal:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def started(self) -> bool:
+        """True while the loop thread runs (started by a blocking call, not yet closed)."""
+        return self._loop is not None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
+            if self._closed:
+                raise ServerClosedError("this machinery Server is closed")
             if self._loop is None or self._loop.is_closed():
                 ready = threading.Event()
                 loop = self._factory()
@@ -52,18 +65,16 @@ class Portal:
         """Run a coroutine on the portal loop and block until it finishes."""
         if self.in_portal():
             coro.close()
-            raise RuntimeError("a blocking machinery call was made on its own event-loop thread; use the a* twin")
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not None and running is not self._loop:
-            # Blocking inside another event loop stalls it; still allowed (e.g. sync code in async tasks
-            # run on threads), but the caller should prefer the awaitable twin.
-            pass
+            raise UsageError("a blocking machinery call was made on its own event-loop thread; use the a* twin")
+        # Blocking inside another event loop stalls it; still allowed (e.g. sync code in async tasks
+        # run on threads), but the caller should prefer the awaitable twin.
         # A bare lock instead of run_coroutine_threadsafe's concurrent Future and its Condition:
         # the caller sleeps on one futex and the loop wakes it with one release.
-        loop = self.loop
+        try:
+            loop = self.loop
+        except ServerClosedError:
+            coro.close()
+            raise
         done = threading.Lock()
         done.acquire()
         box: list[asyncio.Task[T]] = []
@@ -75,27 +86,73 @@ class Portal:
 
         try:
             loop.call_soon_threadsafe(start)
-        except RuntimeError:
+        except RuntimeError:  # the loop was closed meanwhile
             coro.close()
-            raise
+            raise ServerClosedError("this machinery Server is closed") from None
         if not done.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             loop.call_soon_threadsafe(lambda: box[0].cancel() if box else coro.close())
-            raise concurrent.futures.TimeoutError()
-        return box[0].result()
+            raise TimeoutError(f"a blocking machinery call did not finish within {timeout} s")
+        task = box[0]
+        if task.cancelled() and self._closed:
+            raise ServerClosedError("this machinery Server was closed while the call waited")
+        return task.result()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            loop = self.loop
+        except ServerClosedError:
+            coro.close()
+            raise
+        return asyncio.run_coroutine_threadsafe(coro, loop)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel what still runs on the loop (a driver's reader, a waiting call), stop the loop
+        and close it: a loop dropped with pending tasks has asyncio print "Task was destroyed
+        but it is pending!" when they are collected. For good: later calls raise
+        ServerClosedError."""
         with self._lock:
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(loop.stop)
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(timeout=5)
-            if not loop.is_running():
-                loop.close()
+            self._closed = True
+        if loop is None or loop.is_closed():
+            return
+        if thread is None or thread is threading.current_thread():
+            loop.call_soon(_cancel_all, loop)  # cannot wait here: the loop finishes after we return
+            loop.call_soon(loop.stop)
+            return
+        finished = threading.Event()
+
+        async def finish() -> None:
+            try:
+                await _cancel_and_wait(timeout)
+            finally:
+                loop.stop()
+                finished.set()
+
+        try:
+            loop.call_soon_threadsafe(lambda: loop.create_task(finish()))
+        except RuntimeError:  # stopped and closed by someone else meanwhile
+            return
+        finished.wait(timeout + 1)
+        thread.join(timeout)
+        if not loop.is_running():
+            loop.close()
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+
+
+async def _cancel_and_wait(timeout: float) -> None:
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(loop.shutdown_asyncgens(), timeout)
 
 
 class PortalUser:

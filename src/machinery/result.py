@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-from machinery.errors import TaskError, TimeoutError
+from machinery.errors import ServerClosedError, TaskError, TimeoutError
 from machinery.tasks.state import FAILURE, TaskState
 
 if TYPE_CHECKING:
     from machinery.drivers.backend import Backend
     from machinery.portal import Portal
     from machinery.tasks.signature import Signature
+
+R = TypeVar("R")
 
 
 def _unpack(state: TaskState) -> Any:
@@ -33,7 +36,7 @@ def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
-async def _prefetch(results: list[AsyncResult]) -> None:
+async def _prefetch(results: list[AsyncResult[Any]]) -> None:
     """Read the states of many results in one call, so only unfinished ones are waited for."""
     todo = [r for r in results if r._state is None or not r._state.is_completed()]
     if len(todo) < 2:
@@ -44,8 +47,9 @@ async def _prefetch(results: list[AsyncResult]) -> None:
             r._state = st
 
 
-class AsyncResult:
-    """The result of one sent task."""
+class AsyncResult(Generic[R]):
+    """The result of one sent task; R is the task function's result type (`Task.send` knows it;
+    `server.send_task(Signature(...))` gives AsyncResult[Any])."""
 
     def __init__(self, signature: Signature, backend: Backend, portal: Portal) -> None:
         self.signature = signature
@@ -57,14 +61,21 @@ class AsyncResult:
     def task_uuid(self) -> str:
         return self.signature.uuid
 
+    def _check_open(self) -> None:
+        if self._portal.closed:
+            raise ServerClosedError(f"cannot read the result of {self.signature.name} "
+                                    f"({self.signature.uuid}): its Server is closed")
+
     async def aget_state(self) -> TaskState | None:
         """The stored state now (None if nothing is stored)."""
+        self._check_open()
         state = await self._backend.get_state(self.signature.uuid)
         if state is not None:
             self._state = state
         return state
 
     def get_state(self) -> TaskState | None:
+        self._check_open()
         reads = self._backend.blocking_reads()
         if reads is None:
             result: TaskState | None = self._portal.run(self.aget_state())
@@ -78,12 +89,14 @@ class AsyncResult:
         """Wait for SUCCESS or FAILURE; TimeoutError when `timeout` seconds pass first."""
         if self._state is not None and self._state.is_completed():
             return self._state
+        self._check_open()
         return self._waited(await self._backend.wait_completed(self.signature.uuid, timeout), timeout)
 
     def wait_state(self, timeout: float | None = None) -> TaskState:
         """await_state's blocking twin: in the caller's thread where the backend can wait there."""
         if self._state is not None and self._state.is_completed():
             return self._state
+        self._check_open()
         reads = self._backend.blocking_reads()
         if reads is None or self._portal.in_portal():  # on the portal's own thread: its error
             result: TaskState = self._portal.run(self.await_state(timeout))
@@ -98,12 +111,13 @@ class AsyncResult:
         self._state = state
         return state
 
-    async def aget(self, timeout: float | None = None) -> Any:
+    async def aget(self, timeout: float | None = None) -> R:
         """The task's value (one result), a tuple (several) or None; TaskError if it failed."""
-        return _unpack(await self.await_state(timeout))
+        return cast(R, _unpack(await self.await_state(timeout)))
 
-    def get(self, timeout: float | None = None) -> Any:
-        return _unpack(self.wait_state(timeout))
+    def get(self, timeout: float | None = None) -> R:
+        """aget's blocking twin."""
+        return cast(R, _unpack(self.wait_state(timeout)))
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.signature.name} {self.signature.uuid}>"
@@ -112,7 +126,7 @@ class AsyncResult:
 class GroupAsyncResult:
     """Results of a group's members, in group order."""
 
-    def __init__(self, results: list[AsyncResult], portal: Portal) -> None:
+    def __init__(self, results: list[AsyncResult[Any]], portal: Portal) -> None:
         self.results = results
         self._portal = portal
 
@@ -128,26 +142,26 @@ class GroupAsyncResult:
         result: list[Any] = self._portal.run(self.aget(timeout))
         return result
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[AsyncResult[Any]]:
         return iter(self.results)
 
     def __len__(self) -> int:
         return len(self.results)
 
-    def __getitem__(self, i: int) -> AsyncResult:
+    def __getitem__(self, i: int) -> AsyncResult[Any]:
         return self.results[i]
 
 
 class ChainAsyncResult:
     """A chain's steps; get() returns the last step's value or raises the first failure."""
 
-    def __init__(self, steps: list[AsyncResult | GroupAsyncResult], portal: Portal) -> None:
+    def __init__(self, steps: list[AsyncResult[Any] | GroupAsyncResult], portal: Portal) -> None:
         self.steps = steps
         self._portal = portal
 
     @property
-    def async_results(self) -> list[AsyncResult]:
-        out: list[AsyncResult] = []
+    def async_results(self) -> list[AsyncResult[Any]]:
+        out: list[AsyncResult[Any]] = []
         for s in self.steps:
             out.extend(s.results if isinstance(s, GroupAsyncResult) else [s])
         return out
@@ -185,7 +199,7 @@ class ChainAsyncResult:
 class ChordAsyncResult:
     """A chord: its members and its callback; get() returns the callback's value."""
 
-    def __init__(self, group_results: list[AsyncResult], callback: AsyncResult, portal: Portal) -> None:
+    def __init__(self, group_results: list[AsyncResult[Any]], callback: AsyncResult[Any], portal: Portal) -> None:
         self.group_async_results = group_results
         self.chord_async_result = callback
         self._portal = portal

@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import uuid as _uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, overload
+import weakref
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, Unpack, overload
 
 from machinery.config import Config
+from machinery.context import TaskContext
 from machinery.drivers import registry
-from machinery.errors import MachineryError, TaskNotRegisteredError
+from machinery.errors import MachineryError, OptionError, ServerClosedError, TaskNotRegisteredError
+from machinery.log import get_logger
+from machinery.options import TaskDefaults, check_defaults
 from machinery.portal import Portal
 from machinery.result import AsyncResult, ChainAsyncResult, ChordAsyncResult, GroupAsyncResult
 from machinery.signing import Signer
-from machinery.task import Task, TaskSpec
+from machinery.task import (
+    ContextTask,
+    CoroutineContextTask,
+    CoroutineTask,
+    FunctionTask,
+    TaskSpec,
+    task_class,
+)
 from machinery.tasks import gojson
 from machinery.tasks.signature import Signature, encode_signature
 from machinery.tasks.state import PENDING, TaskState
@@ -28,9 +41,21 @@ if TYPE_CHECKING:
     from machinery.periodic import PeriodicScheduler
     from machinery.worker import Worker
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _UUID_VERSION = bytes((b & 0x0F) | 0x40 for b in range(256))  # byte 6: version 4
 _UUID_VARIANT = bytes((b & 0x3F) | 0x80 for b in range(256))  # byte 8: RFC 4122 variant
+
+
+def _check_signature(sig: Signature) -> None:
+    """Refuse what would only fail later, on a worker or in a driver."""
+    if not sig.name:
+        raise MachineryError("a Signature needs a task name")
+    if sig.eta is not None and not isinstance(sig.eta, datetime):
+        raise OptionError(f"task {sig.name!r}: Signature.eta must be a datetime (naive = UTC), got "
+                          f"{type(sig.eta).__name__} {sig.eta!r}; Task.with_options takes eta=timedelta "
+                          "or countdown=seconds")
 
 
 def new_task_uuids(n: int) -> list[str]:
@@ -43,6 +68,39 @@ def new_task_uuids(n: int) -> list[str]:
         f"task_{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
         for i in range(0, 32 * n, 32)
     ]
+
+
+class TaskDecorator:
+    """What `@server.task(...)` with options returns: registers the function it decorates."""
+
+    def __init__(self, server: Server, name: str | None, options: Mapping[str, Any]) -> None:
+        self._server = server
+        self._name = name
+        self._options = dict(options)
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, fn: Callable[Concatenate[object, P], Coroutine[Any, Any, R]], /,
+    ) -> CoroutineTask[Concatenate[object, P], R]: ...
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, fn: Callable[Concatenate[object, P], R], /) -> FunctionTask[Concatenate[object, P], R]: ...
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]], /) -> CoroutineContextTask[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[Concatenate[TaskContext, P], R], /) -> ContextTask[P, R]: ...
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> CoroutineTask[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> FunctionTask[P, R]: ...
+
+    def __call__(self, fn: Callable[..., Any], /) -> Any:
+        name = self._name or str(getattr(fn, "__name__", ""))
+        self._server.register_task(name, fn, **self._options)
+        spec = self._server.get_registered_task(name)
+        return task_class(spec)(self._server, spec)
 
 
 class Server:
@@ -78,35 +136,62 @@ class Server:
         self.tracing = Tracer(tracer_provider)
         #: signs what this server sends and checks what its workers run (Config.signing_key)
         self.signer = Signer(self.cnf.signing_key, self.cnf.signing_keys_old) if self.cnf.signing_key else None
+        self._closed = False
+        # Closes the Server at interpreter exit if the program did not: the portal's loop would
+        # otherwise be dropped with pending tasks (a driver's reader) and asyncio complain.
+        self._exit_hook = _exit_hook(self)
+        atexit.register(self._exit_hook)
 
     # --- registry --------------------------------------------------------------------------
 
-    def register_task(self, name: str, fn: Callable[..., Any], **options: Any) -> None:
-        """Register `fn` under `name`; options (retry_count, ...) become signature defaults."""
+    def register_task(self, name: str, fn: Callable[..., Any], **options: Unpack[TaskDefaults]) -> None:
+        """Register `fn` under `name`; options (retry_count, ...) become signature defaults; an
+        unknown option raises OptionError."""
         if not name:
             raise MachineryError("task name must not be empty")
-        self._tasks[name] = TaskSpec.build(name, fn, **options)
+        self._tasks[name] = TaskSpec.build(name, fn, **check_defaults(name, options))
 
     def register_tasks(self, tasks: Mapping[str, Callable[..., Any]]) -> None:
         for name, fn in tasks.items():
             self.register_task(name, fn)
 
+    # A first parameter annotated TaskContext is left out of P: the worker passes the context.
+    # An `async def` gives Coroutine[Any, Any, R]: R is what awaiting it gives. The overloads are
+    # tried in this order, so the specific ones overlap the general ones on purpose; the first two
+    # keep a first parameter typed `object` (which would also take a TaskContext) in P.
     @overload
-    def task(self, fn: Callable[..., Any], /, **options: Any) -> Task[Any, Any]: ...
+    def task(  # type: ignore[overload-overlap]
+        self, fn: Callable[Concatenate[object, P], Coroutine[Any, Any, R]], /, *,
+        name: str | None = None, **options: Unpack[TaskDefaults]) -> CoroutineTask[Concatenate[object, P], R]: ...
     @overload
-    def task(self, fn: None = None, /, **options: Any) -> Callable[[Callable[..., Any]], Task[Any, Any]]: ...
-
+    def task(  # type: ignore[overload-overlap]
+        self, fn: Callable[Concatenate[object, P], R], /, *,
+        name: str | None = None, **options: Unpack[TaskDefaults]) -> FunctionTask[Concatenate[object, P], R]: ...
+    @overload
+    def task(  # type: ignore[overload-overlap]
+        self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]], /, *,
+        name: str | None = None, **options: Unpack[TaskDefaults]) -> CoroutineContextTask[P, R]: ...
+    @overload
     def task(
-        self, fn: Callable[..., Any] | None = None, /, **options: Any
-    ) -> Task[Any, Any] | Callable[[Callable[..., Any]], Task[Any, Any]]:
-        """Decorator: register a function under its name (or `name=`), keeping it callable."""
+        self, fn: Callable[Concatenate[TaskContext, P], R], /, *,
+        name: str | None = None, **options: Unpack[TaskDefaults]) -> ContextTask[P, R]: ...
+    @overload
+    def task(  # type: ignore[overload-overlap]
+        self, fn: Callable[P, Coroutine[Any, Any, R]], /, *,
+        name: str | None = None, **options: Unpack[TaskDefaults]) -> CoroutineTask[P, R]: ...
+    @overload
+    def task(self, fn: Callable[P, R], /, *,
+             name: str | None = None, **options: Unpack[TaskDefaults]) -> FunctionTask[P, R]: ...
+    @overload
+    def task(self, fn: None = None, /, *,
+             name: str | None = None, **options: Unpack[TaskDefaults]) -> TaskDecorator: ...
 
-        def wrap(f: Callable[..., Any]) -> Task[Any, Any]:
-            task_name = str(options.pop("name", None) or getattr(f, "__name__", ""))
-            self.register_task(task_name, f, **options)
-            return Task(self, self._tasks[task_name])
-
-        return wrap(fn) if fn is not None else wrap
+    def task(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
+             **options: Unpack[TaskDefaults]) -> Any:
+        """Decorator: register a function under its name (or `name=`), keeping it callable;
+        `@server.task(name=..., retry_count=3)` sets the task's defaults."""
+        decorator = TaskDecorator(self, name, options)
+        return decorator(fn) if fn is not None else decorator
 
     def is_task_registered(self, name: str) -> bool:
         return name in self._tasks
@@ -153,6 +238,7 @@ class Server:
     def _prepare(self, sig: Signature) -> None:
         if not isinstance(sig, Signature):
             raise MachineryError(f"expected a Signature, got {type(sig).__name__}")
+        _check_signature(sig)
         if not sig.uuid:
             sig.uuid = new_task_uuids(1)[0]
         if not sig.routing_key:
@@ -208,6 +294,8 @@ class Server:
         for sig in sigs:  # _prepare, inlined: this loop is the cost of a bulk send
             if not isinstance(sig, Signature):
                 raise MachineryError(f"expected a Signature, got {type(sig).__name__}")
+            if not sig.name or (sig.eta is not None and not isinstance(sig.eta, datetime)):
+                _check_signature(sig)
             if not sig.uuid:
                 if fresh is None:
                     fresh = iter(new_task_uuids(len(sigs)))
@@ -239,17 +327,31 @@ class Server:
             await self._backend.set_pending(states)
             await self._broker.publish_many(items)
 
-    async def asend_task(self, sig: Signature) -> AsyncResult:
+    def _check_sends(self, sigs: Iterable[Signature]) -> None:
+        """Refuse sends on a closed Server, and argument counts that the function registered here
+        under the signature's name cannot take (the task would fail on the worker)."""
+        if self._closed:
+            raise ServerClosedError("this machinery Server is closed")
+        tasks = self._tasks
+        if tasks:
+            for sig in sigs:
+                spec = tasks.get(sig.name) if isinstance(sig, Signature) else None
+                if spec is not None:
+                    spec.check_count(len(sig.args))
+
+    async def asend_task(self, sig: Signature) -> AsyncResult[Any]:
         """Send one task; it runs now, or at `sig.eta`."""
+        self._check_sends((sig,))
         with self.tracing.send("SendTask", [sig]):
             await self.dispatch([sig])
         return AsyncResult(sig, self._backend, self.portal)
 
-    def send_task(self, sig: Signature) -> AsyncResult:
+    def send_task(self, sig: Signature) -> AsyncResult[Any]:
         send = self._blocking_send
         if send is None:
-            result: AsyncResult = self.portal.run(self.asend_task(sig))
+            result: AsyncResult[Any] = self.portal.run(self.asend_task(sig))
             return result
+        self._check_sends((sig,))
         # In the caller's thread where the driver can (see Backend.blocking_send): one command,
         # without the hand-over to the portal's thread, which costs more than the command.
         with self.tracing.send("SendTask", [sig]):
@@ -258,22 +360,24 @@ class Server:
                 self.portal.run(self._publish(states, items, {}))
         return AsyncResult(sig, self._backend, self.portal)
 
-    async def asend_tasks(self, sigs: Iterable[Signature]) -> list[AsyncResult]:
+    async def asend_tasks(self, sigs: Iterable[Signature]) -> list[AsyncResult[Any]]:
         """Send many independent tasks in one batch (one round trip per store where the driver can)."""
         batch = list(sigs)
+        self._check_sends(batch)
         with self.tracing.send("SendTasks", batch):
             await self.dispatch(batch)
         return [AsyncResult(s, self._backend, self.portal) for s in batch]
 
-    def send_tasks(self, sigs: Iterable[Signature]) -> list[AsyncResult]:
-        result: list[AsyncResult] = self.portal.run(self.asend_tasks(list(sigs)))
+    def send_tasks(self, sigs: Iterable[Signature]) -> list[AsyncResult[Any]]:
+        result: list[AsyncResult[Any]] = self.portal.run(self.asend_tasks(list(sigs)))
         return result
 
-    async def asend_group(self, group: Group, send_concurrency: int = 0) -> list[AsyncResult]:
+    async def asend_group(self, group: Group, send_concurrency: int = 0) -> list[AsyncResult[Any]]:
         """Record the group, then publish its members; send_concurrency > 0 publishes in chunks of that size."""
         if not isinstance(group, Group):
             raise MachineryError(f"send_group needs a Group, got {type(group).__name__}")
         sigs = group.signatures
+        self._check_sends(sigs)
         for sig in sigs:
             self._prepare(sig)
         with self.tracing.send("SendGroup", workflow="group"):
@@ -286,8 +390,8 @@ class Server:
                 await self.dispatch(sigs)
         return [AsyncResult(s, self._backend, self.portal) for s in sigs]
 
-    def send_group(self, group: Group, send_concurrency: int = 0) -> list[AsyncResult]:
-        result: list[AsyncResult] = self.portal.run(self.asend_group(group, send_concurrency))
+    def send_group(self, group: Group, send_concurrency: int = 0) -> list[AsyncResult[Any]]:
+        result: list[AsyncResult[Any]] = self.portal.run(self.asend_group(group, send_concurrency))
         return result
 
     async def asend_chord(self, chord: Chord, send_concurrency: int = 0) -> ChordAsyncResult:
@@ -309,7 +413,7 @@ class Server:
         """Send the chain's first step; each later step is sent by the worker that finishes the one before."""
         if not isinstance(chain, Chain):
             raise MachineryError(f"send_chain needs a Chain, got {type(chain).__name__}")
-        steps: list[AsyncResult | GroupAsyncResult] = []
+        steps: list[AsyncResult[Any] | GroupAsyncResult] = []
         for step in chain.steps:
             if isinstance(step, Signature):
                 self._prepare_nested(step)
@@ -321,6 +425,7 @@ class Server:
                 steps.append(GroupAsyncResult(
                     [AsyncResult(s, self._backend, self.portal) for s in step.signatures], self.portal))
         first = chain.first()
+        self._check_sends([first] if isinstance(first, Signature) else [])
         with self.tracing.send("SendChain", workflow="chain"):
             if isinstance(first, Signature):
                 await self.dispatch([first])
@@ -340,6 +445,7 @@ class Server:
         """A worker consuming `queue` (default queue when None); concurrency 0 = no limit, 1 = serial."""
         from machinery.worker import Worker
 
+        self._check_open()
         return Worker(self, tag or f"worker_{_uuid.uuid4().hex[:8]}", concurrency, queue)
 
     def new_custom_queue_worker(self, tag: str, concurrency: int, queue: str) -> Worker:
@@ -356,7 +462,10 @@ class Server:
 
     def register_periodic_task(self, spec: str, name: str, signature: Signature) -> None:
         """Send a fresh copy of `signature` on every tick of the cron `spec`, once across processes,
-        in the processes that run the schedules (see start_scheduler)."""
+        in the processes that run the schedules (see start_scheduler); a bad spec raises CronError
+        (a ConfigError) here."""
+        _expect(signature, Signature, "register_periodic_task")
+        self._check_sends([signature])
         template = fresh_copy(signature)
 
         async def fire() -> None:
@@ -365,6 +474,8 @@ class Server:
         self._periodic().add(spec, name, fire)
 
     def register_periodic_group(self, spec: str, name: str, group: Group, send_concurrency: int = 0) -> None:
+        _expect(group, Group, "register_periodic_group")
+        self._check_sends(group.signatures)
         template = group.copy()
 
         async def fire() -> None:
@@ -373,6 +484,9 @@ class Server:
         self._periodic().add(spec, name, fire)
 
     def register_periodic_chain(self, spec: str, name: str, chain: Chain) -> None:
+        _expect(chain, Chain, "register_periodic_chain")
+        first = chain.first()
+        self._check_sends([first] if isinstance(first, Signature) else [])
         template = chain.copy()
 
         async def fire() -> None:
@@ -381,6 +495,8 @@ class Server:
         self._periodic().add(spec, name, fire)
 
     def register_periodic_chord(self, spec: str, name: str, chord: Chord, send_concurrency: int = 0) -> None:
+        _expect(chord, Chord, "register_periodic_chord")
+        self._check_sends(chord.group.signatures)
         template = chord.copy()
 
         async def fire() -> None:
@@ -411,22 +527,90 @@ class Server:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    async def aclose(self) -> None:
-        if self._scheduler is not None:
-            await self._scheduler.astop()
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ServerClosedError("this machinery Server is closed")
+
+    async def _close_drivers(self) -> None:
+        """Release the broker's and backend's connections made on the running loop."""
         await asyncio.gather(self._broker.close(), self._backend.close(), return_exceptions=True)
 
-    def close(self) -> None:
-        """Stop background schedules and release connections."""
+    async def aclose(self) -> None:
+        """close()'s awaitable twin: stops schedules, releases the connections of this loop and of
+        the sync facade's loop, and ends that loop's thread. Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._exit_hook)
         if self._scheduler is not None:
-            self._scheduler.stop()
+            await self._scheduler.astop()
+        await self._close_drivers()
+        if self.portal.in_portal():
+            self.portal.close()  # from its own loop: it stops once this task is done
+        elif self.portal.started:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(self.portal.submit(self._close_drivers())), 10)
+            finally:
+                await asyncio.to_thread(self.portal.close)
+        else:
+            self.portal.close()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop background schedules, release connections and end the sync facade's loop thread.
+        Closing again does nothing; sending or waiting afterwards raises ServerClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._exit_hook)
         try:
-            self.portal.run(self.aclose(), timeout=10)
+            if self._scheduler is not None:
+                self._scheduler.stop()
+            self.portal.run(self._close_drivers(), timeout=timeout)
         finally:
             self.portal.close()
+
+    def _close_at_exit(self) -> None:
+        if self._closed:
+            return
+        if not self.portal.started:  # nothing of ours runs on a loop: the OS closes the sockets
+            self._closed = True
+            self.portal.close()
+            return
+        try:
+            self.close(timeout=2.0)
+        except Exception as exc:  # at exit: say why, never raise
+            get_logger().debug("closing the Server at exit failed: %s", exc)
 
     def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _expect(value: object, kind: type, where: str) -> None:
+    if not isinstance(value, kind):
+        raise MachineryError(f"{where} needs a {kind.__name__}, got {type(value).__name__}")
+
+
+def _exit_hook(server: Server) -> Callable[[], None]:
+    """An atexit function that closes `server` if it is still alive and open; it holds the
+    Server weakly, and unregisters itself when the Server is collected."""
+
+    def close_at_exit() -> None:
+        alive = ref()
+        if alive is not None:
+            alive._close_at_exit()
+
+    ref = weakref.ref(server, lambda _: atexit.unregister(close_at_exit))
+    return close_at_exit

@@ -13,6 +13,7 @@ import concurrent.futures
 import inspect
 import signal
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,16 @@ from typing import TYPE_CHECKING, Any
 from machinery import loops, workflows
 from machinery.committer import Committer
 from machinery.context import RETRIES_HEADER, TaskContext, retries_done
-from machinery.errors import ArgTypeError, BackendError, BrokerError, DecodeError, MachineryError, RetryTaskLater
+from machinery.errors import (
+    ArgTypeError,
+    BackendError,
+    BrokerError,
+    DecodeError,
+    MachineryError,
+    RetryTaskLater,
+    ServerClosedError,
+    UsageError,
+)
 from machinery.log import get_logger
 from machinery.loopwatch import LoopWatch, task_codes
 from machinery.retry import fibonacci_next
@@ -104,7 +114,7 @@ class Worker:
         except RuntimeError:
             pass
         else:
-            raise MachineryError("Worker.launch() blocks; inside an event loop use `await worker.alaunch()`")
+            raise UsageError("Worker.launch() blocks; inside an event loop use `await worker.alaunch()`")
         install = threading.current_thread() is threading.main_thread() and not self.server.cnf.no_unix_signals
         loops.run(self.alaunch(_signals=install), self.server.cnf.event_loop)
 
@@ -116,13 +126,16 @@ class Worker:
             try:
                 loops.run(self.alaunch(), self.server.cnf.event_loop)
             except BaseException as exc:
+                self._stopped.set()  # quit() must not wait for a worker that never started
                 future.set_exception(exc)
             else:
                 future.set_result(None)
 
         self._stopped.clear()
         threading.Thread(target=run, name=f"machinery-worker-{self.tag}", daemon=True).start()
-        self._running.wait(10)
+        deadline = time.monotonic() + 10
+        while not self._running.wait(0.01) and not future.done() and time.monotonic() < deadline:
+            pass  # running, or failed to start (the future holds why)
         return future
 
     def quit(self, timeout: float | None = 30.0) -> None:
@@ -163,6 +176,8 @@ class Worker:
 
     async def alaunch(self, _signals: bool = False) -> None:
         """Run the worker on the current event loop until quit() or a signal."""
+        if self.server.closed:
+            raise ServerClosedError("this worker's Server is closed")
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._stop = asyncio.Event()

@@ -164,7 +164,7 @@ def run(server: Server, args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait(server: Server, result: AsyncResult, timeout: float) -> Any:
+def _wait(server: Server, result: AsyncResult[Any], timeout: float) -> Any:
     """result.get(timeout) on the server's event-loop thread, so that Ctrl-C here cancels the wait
     there and lets it finish before the server closes (no task left pending at exit)."""
     finished = threading.Event()
