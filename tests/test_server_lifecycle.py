@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -150,19 +152,33 @@ print(server.send_chain(Chain(add.s(1, 2), add.partial(3))).get(timeout=20))
 def worker_process(tmp_path: Path, url: str) -> Iterator[dict[str, str]]:
     (tmp_path / "app.py").write_text(textwrap.dedent(APP))
     env = {**os.environ, "APP_URL": url, "PYTHONPATH": os.pathsep.join([str(SRC), str(tmp_path)])}
-    worker = subprocess.Popen([sys.executable, "-m", "machinery", "--log-level", "WARNING", "worker",
+    worker = subprocess.Popen([sys.executable, "-m", "machinery", "--log-level", "INFO", "worker",
                                "--app", "app:server", "--concurrency", "4"],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert worker.stderr is not None
+    lines: list[bytes] = []
+    started = threading.Event()
+
+    def drain(stream: IO[bytes]) -> None:
+        for line in stream:
+            lines.append(line)
+            started.set()
+
+    reader = threading.Thread(target=drain, args=(worker.stderr,), daemon=True)
+    reader.start()
     try:
+        # its first line comes once it consumes (a producer before that is warned of no worker)
+        assert started.wait(30), "the worker did not start"
         yield env
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
-            _, err = worker.communicate(timeout=30)
+            worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
-            _, err = worker.communicate()
-        assert worker.returncode == 0, err.decode()
+            worker.wait()
+        reader.join(10)
+        assert worker.returncode == 0, b"".join(lines).decode()
 
 
 def run_producer(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
