@@ -12,7 +12,7 @@ import inspect
 import typing
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, Unpack, cast
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, Unpack, cast
 
 from machinery.context import TaskContext
 from machinery.errors import ArgTypeError, MachineryError, OptionError, TaskArgumentsError
@@ -23,12 +23,19 @@ from machinery.tasks.state import TaskResult
 
 if TYPE_CHECKING:
     from machinery.result import AsyncResult
-    from machinery.server import Server
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+class Sender(Protocol):
+    """What a task needs of its Server: sending (a Protocol, so this module imports no server)."""
+
+    def send_task(self, sig: Signature) -> AsyncResult[Any]: ...
+
+    async def asend_task(self, sig: Signature) -> AsyncResult[Any]: ...
 
 
 @dataclass(slots=True)
@@ -236,7 +243,7 @@ class Task(Generic[P, R]):
     chain or chord completes with earlier results.
     """
 
-    def __init__(self, server: Server, spec: TaskSpec, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, server: Sender, spec: TaskSpec, options: Mapping[str, Any] | None = None) -> None:
         self.server = server
         self.spec = spec
         self.name = spec.name

@@ -14,9 +14,9 @@ import inspect
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from machinery import loops, workflows
 from machinery.committer import Committer
@@ -41,9 +41,12 @@ from machinery.tasks.state import FAILURE, RECEIVED, RETRY, STARTED, SUCCESS, Ta
 from machinery.threads import SyncRunner
 
 if TYPE_CHECKING:
-    from machinery.drivers.broker import Delivery
-    from machinery.server import Server
+    from machinery.config import Config
+    from machinery.drivers.backend import Backend
+    from machinery.drivers.broker import Broker, Delivery, PublishItem
+    from machinery.signing import Signer
     from machinery.task import TaskSpec
+    from machinery.tracing import Tracer
 
 MAX_FETCH_BATCH = 256
 UNLIMITED_THREADS = 64
@@ -58,10 +61,38 @@ UNKNOWN_TASK_DELAY = 1.0
 BOUNCES_HEADER = "machinery-bounces"
 
 
+
+class Host(Protocol):
+    """What a worker needs of its Server (a Protocol, so this module imports no server)."""
+
+    cnf: Config
+    tracing: Tracer
+    signer: Signer | None
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def registered_tasks(self) -> dict[str, TaskSpec]: ...
+
+    def find_task(self, name: str) -> TaskSpec | None: ...
+
+    def get_broker(self) -> Broker: ...
+
+    def get_backend(self) -> Backend: ...
+
+    def where(self) -> str: ...
+
+    def encode(self, sig: Signature) -> bytes: ...
+
+    async def dispatch(self, sigs: Sequence[Signature], *, init_groups: bool = False) -> None: ...
+
+    def plan_follow_ups(self, sigs: Sequence[Signature]) -> tuple[list[TaskState], list[PublishItem]] | None: ...
+
 class Worker:
     """Consumes one queue; create it with `server.new_worker(tag, concurrency, queue)`."""
 
-    def __init__(self, server: Server, tag: str, concurrency: int = 10, queue: str | None = None) -> None:
+    def __init__(self, server: Host, tag: str, concurrency: int = 10, queue: str | None = None) -> None:
         if not isinstance(concurrency, int) or concurrency < 0:
             raise MachineryError(f"worker concurrency must be an int >= 0 (0 = no limit), got {concurrency!r}")
         self.server = server
