@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from machinery.tasks import gojson
 
 if TYPE_CHECKING:
     from machinery.tasks.signature import Signature
@@ -31,6 +34,16 @@ class TaskContext:
     redelivered: bool = False
     """True when the message was given out before, e.g. after its worker died."""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: stores a progress value (set by the worker); None outside a worker
+    reporter: Callable[[Any], None] | None = field(default=None, repr=False)
+
+    def set_progress(self, value: Any) -> None:
+        """Report how far the task has got (any JSON value): stored with its state, read by
+        `AsyncResult.progress()`; the last value stays with the final state. Safe from the
+        worker's threads; reports close together are coalesced (the latest wins)."""
+        gojson.encode(value)  # not JSON: ArgTypeError here, in the task, not at the write
+        if self.reporter is not None:
+            self.reporter(value)
 
     @property
     def headers(self) -> dict[str, Any]:

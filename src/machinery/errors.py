@@ -54,12 +54,17 @@ class ServerClosedError(UsageError):
 
 
 class TaskError(MachineryError):
-    """A task ended in FAILURE; `error` holds the stored error text."""
+    """A task ended in FAILURE; `error` holds the stored error text, and for a task a Python
+    worker ran, `exc_type` the exception's type (module-qualified) and `traceback` its traceback
+    ("" when the task ran on a Go worker)."""
 
-    def __init__(self, error: str, task_uuid: str = "", task_name: str = "") -> None:
+    def __init__(self, error: str, task_uuid: str = "", task_name: str = "", *, exc_type: str = "",
+                 traceback: str = "") -> None:
         self.error = error
         self.task_uuid = task_uuid
         self.task_name = task_name
+        self.exc_type = exc_type
+        self.traceback = traceback
         where = f"task {task_name or '?'} ({task_uuid})" if task_uuid else "task"
         super().__init__(f"{where} failed: {error}")
 

@@ -19,7 +19,8 @@ R = TypeVar("R")
 
 def _unpack(state: TaskState) -> Any:
     if state.state == FAILURE:
-        raise TaskError(state.error, state.task_uuid, state.task_name)
+        raise TaskError(state.error, state.task_uuid, state.task_name, exc_type=state.exc_type,
+                        traceback=state.traceback)
     values = state.values()
     if not values:
         return None
@@ -84,6 +85,16 @@ class AsyncResult(Generic[R]):
         if state is not None:
             self._state = state
         return state
+
+    async def aprogress(self) -> Any:
+        """The latest value the task reported with `ctx.set_progress()` (None before any)."""
+        state = await self.aget_state()
+        return None if state is None else state.progress
+
+    def progress(self) -> Any:
+        """aprogress's blocking twin."""
+        state = self.get_state()
+        return None if state is None else state.progress
 
     async def await_state(self, timeout: float | None = None) -> TaskState:
         """Wait for SUCCESS or FAILURE; TimeoutError when `timeout` seconds pass first."""

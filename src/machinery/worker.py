@@ -14,6 +14,7 @@ import inspect
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -57,6 +58,10 @@ BROKEN_ATTEMPTS = 5
 #: errors of the servers, not of the message: worth another try
 _PASSING = (BrokerError, BackendError, ConnectionError, TimeoutError)
 UNKNOWN_TASK_DELAY = 1.0
+#: the key, in a delivery's extra, of the last progress its task reported
+PROGRESS = "progress"
+#: the longest traceback stored with a failure (its last part: the innermost frames and the error)
+MAX_TRACEBACK = 16_384
 #: the Headers key counting how often workers without the task handed it back
 BOUNCES_HEADER = "machinery-bounces"
 
@@ -409,8 +414,9 @@ class Worker:
         try:
             if sig is not None:
                 assert self._committer is not None
-                name = sig.name
-                await self._committer.store(TaskState(sig.uuid, FAILURE, task_name=name, error=reason), ack=d)
+                exc_type, trace = failure_details(exc)
+                await self._committer.store(TaskState(sig.uuid, FAILURE, task_name=sig.name, error=reason,
+                                                      exc_type=exc_type, traceback=trace), ack=d)
             else:
                 await broker.dead_letter(d, reason)
         except Exception as again:
@@ -472,7 +478,8 @@ class Worker:
                 committer.put_state(TaskState(sig.uuid, STARTED, task_name=sig.name))
                 if spec.wants_context:
                     await self.server.get_broker().settle([d])
-                    args.insert(0, TaskContext(sig, self.tag, d.attempts, d.redelivered))
+                    args.insert(0, TaskContext(sig, self.tag, d.attempts, d.redelivered,
+                                               reporter=self._progress_reporter(d, sig)))
                 if self._pre_task is not None:
                     await self._call_handler(self._pre_task, sig)
                 if spec.is_async:
@@ -500,7 +507,7 @@ class Worker:
 
     async def _succeed(self, d: Delivery, sig: Signature, results: list[TaskResult]) -> None:
         assert self._committer is not None
-        state = TaskState(sig.uuid, SUCCESS, task_name=sig.name, results=results)
+        state = TaskState(sig.uuid, SUCCESS, task_name=sig.name, results=results, progress=d.extra.get(PROGRESS))
         if not sig.on_success and not workflows.in_chord(sig):
             await self._committer.store(state, ack=d)  # nothing follows: the ack goes with the state
             return
@@ -527,7 +534,9 @@ class Worker:
         assert self._committer is not None
         get_logger().error("task %s (%s) failed: %s", sig.name, sig.uuid, error,
                            exc_info=(type(exc), exc, exc.__traceback__))
-        state = TaskState(sig.uuid, FAILURE, task_name=sig.name, error=error)
+        exc_type, trace = failure_details(exc)
+        state = TaskState(sig.uuid, FAILURE, task_name=sig.name, error=error, exc_type=exc_type, traceback=trace,
+                          progress=d.extra.get(PROGRESS))
         if not (sig.on_error or workflows.in_chord(sig) or sig.stop_task_deletion_on_error):
             await self._committer.store(state, ack=d)  # nothing follows: the ack goes with the state
             await self._report(exc)
@@ -551,6 +560,27 @@ class Worker:
         sig.eta = datetime.now(UTC) + delay
         await self.server.get_broker().publish(sig, self.server.encode(sig), gojson.time_ns(sig.eta))
         self._committer.ack(d)
+
+    def _progress_reporter(self, d: Delivery, sig: Signature) -> Callable[[Any], None]:
+        """`ctx.set_progress` for this run: a STARTED state carrying the value, queued on the
+        worker's loop from whichever thread the task runs in; the final state keeps the last."""
+        loop = asyncio.get_running_loop()
+        committer = self._committer
+        assert committer is not None
+
+        def report(value: Any) -> None:
+            d.extra[PROGRESS] = value
+            state = TaskState(sig.uuid, STARTED, task_name=sig.name, progress=value)
+            try:
+                here = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                here = False
+            if here:
+                committer.put_state(state)
+            else:
+                loop.call_soon_threadsafe(committer.put_state, state)
+
+        return report
 
     def _chords(self) -> workflows.Chords:
         committer = self._committer
@@ -591,3 +621,14 @@ async def _first(*aws: Any) -> None:
     finally:
         for t in tasks:
             t.cancel()
+
+
+def failure_details(exc: BaseException) -> tuple[str, str]:
+    """The exception's type (module-qualified, bare for builtins) and its traceback, at most
+    MAX_TRACEBACK characters (the end kept)."""
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    text = "".join(traceback.format_exception(exc))
+    if len(text) > MAX_TRACEBACK:
+        text = "...\n" + text[-MAX_TRACEBACK:]
+    return name, text

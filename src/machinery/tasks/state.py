@@ -49,7 +49,8 @@ class TaskResult:
 class TaskState:
     """The stored state of one task: what `get_state()` returns."""
 
-    __slots__ = ("created_at", "error", "results", "state", "task_name", "task_uuid", "ttl")
+    __slots__ = ("created_at", "error", "exc_type", "progress", "results", "state", "task_name", "task_uuid",
+                 "traceback", "ttl")
 
     def __init__(
         self,
@@ -61,6 +62,9 @@ class TaskState:
         error: str = "",
         created_at: datetime | None = None,
         ttl: int = 0,
+        exc_type: str = "",
+        traceback: str = "",
+        progress: Any = None,
     ) -> None:
         self.task_uuid = task_uuid
         self.task_name = task_name
@@ -69,6 +73,11 @@ class TaskState:
         self.error = error
         self.created_at = created_at
         self.ttl = ttl
+        #: beyond Go's fields (stored after them, where Go readers skip them): the exception's
+        #: type and traceback of a failure, and the latest value a running task reported
+        self.exc_type = exc_type
+        self.traceback = traceback
+        self.progress = progress
 
     def is_completed(self) -> bool:
         return self.state in (SUCCESS, FAILURE)
@@ -79,6 +88,7 @@ class TaskState:
         return TaskState(
             self.task_uuid, self.state, task_name=self.task_name or other.task_name, results=self.results,
             error=self.error, created_at=self.created_at or other.created_at, ttl=self.ttl,
+            exc_type=self.exc_type, traceback=self.traceback, progress=self.progress,
         )
 
     def is_success(self) -> bool:
@@ -103,8 +113,10 @@ class TaskState:
         """Keyword form, as the README shows it; results and error only when there are any."""
         results = f", results={self.results!r}" if self.results else ""
         error = f", error={self.error!r}" if self.error else ""
+        exc_type = f", exc_type={self.exc_type!r}" if self.exc_type else ""
+        progress = f", progress={self.progress!r}" if self.progress is not None else ""
         return (f"TaskState(task_uuid={self.task_uuid!r}, task_name={self.task_name!r}, "
-                f"state={self.state!r}{results}{error})")
+                f"state={self.state!r}{results}{error}{exc_type}{progress})")
 
 
 def state_rank(state: str) -> int:
@@ -150,7 +162,8 @@ def _result_wire(r: TaskResult) -> dict[str, Any]:
 
 def encode_state(s: TaskState) -> bytes:
     if (
-        s.results is None and type(s.task_uuid) is str and type(s.task_name) is str
+        s.results is None and s.progress is None and not s.exc_type and not s.traceback
+        and type(s.task_uuid) is str and type(s.task_name) is str
         and type(s.state) is str and type(s.error) is str and type(s.ttl) is int
     ):
         # no results (PENDING, RECEIVED, ...): everything after the UUID is shared by a batch's states
@@ -172,7 +185,7 @@ _UUID_HEAD = b'{"TaskUUID":'
 
 
 def _encode_state(s: TaskState) -> bytes:
-    return gojson.encode({
+    fields: dict[str, Any] = {
         "TaskUUID": s.task_uuid,
         "TaskName": s.task_name,
         "State": s.state,
@@ -180,7 +193,16 @@ def _encode_state(s: TaskState) -> bytes:
         "Error": s.error,
         "CreatedAt": gojson.format_time(s.created_at),
         "TTL": s.ttl,
-    })
+    }
+    # Python-only details after Go's fields, present only when set: Go's decoder skips unknown
+    # keys, and a state without them is byte for byte what Go writes
+    if s.exc_type:
+        fields["ExcType"] = s.exc_type
+    if s.traceback:
+        fields["Traceback"] = s.traceback
+    if s.progress is not None:
+        fields["Progress"] = s.progress
+    return gojson.encode(fields)
 
 
 def encode_group_meta(m: GroupMeta) -> bytes:
@@ -207,6 +229,9 @@ class _WireState(msgspec.Struct, rename={"task_uuid": "TaskUUID", "ttl": "TTL"})
     error: str = msgspec.field(default="", name="Error")
     created_at: str = msgspec.field(default=gojson.ZERO_TIME, name="CreatedAt")
     ttl: int = 0
+    exc_type: str = msgspec.field(default="", name="ExcType")
+    traceback: str = msgspec.field(default="", name="Traceback")
+    progress: Any = msgspec.field(default=None, name="Progress")
 
 
 class _WireGroup(msgspec.Struct, rename={"group_uuid": "GroupUUID", "task_uuids": "TaskUUIDs", "ttl": "TTL"}):
@@ -237,6 +262,9 @@ def decode_state(data: bytes | str) -> TaskState:
         error=w.error,
         created_at=gojson.parse_time(w.created_at),
         ttl=w.ttl,
+        exc_type=w.exc_type,
+        traceback=w.traceback,
+        progress=w.progress,
     )
 
 

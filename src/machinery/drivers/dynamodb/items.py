@@ -70,7 +70,24 @@ def state_item(state: TaskState, ttl: int) -> Item:
         "Error": s(state.error),
         "CreatedAt": s(gojson.format_time(state.created_at)),
         "TTL": n(ttl),
+        **details_attrs(state),
     }
+
+
+#: Python-only attributes of a state (Go's unmarshalling skips attributes its struct lacks)
+DETAILS = ("ExcType", "Traceback", "Progress")
+
+
+def details_attrs(state: TaskState) -> Item:
+    """A failure's exception type and traceback and the reported progress (JSON text), when set."""
+    out: Item = {}
+    if state.exc_type:
+        out["ExcType"] = s(state.exc_type)
+    if state.traceback:
+        out["Traceback"] = s(state.traceback)
+    if state.progress is not None:
+        out["Progress"] = s(gojson.encode(state.progress).decode())
+    return out
 
 
 def state_update(state: TaskState, ttl: int) -> dict[str, Any]:
@@ -86,9 +103,18 @@ def state_update(state: TaskState, ttl: int) -> dict[str, Any]:
     if state.created_at is not None:
         names["#C"], values[":c"] = "CreatedAt", s(gojson.format_time(state.created_at))
         sets.append("#C = :c")
+    details = details_attrs(state)
+    removes = []
+    for k, name in enumerate(DETAILS):
+        names[f"#D{k}"] = name
+        if name in details:
+            values[f":d{k}"] = details[name]
+            sets.append(f"#D{k} = :d{k}")
+        else:
+            removes.append(f"#D{k}")
     return {
         "Key": {"TaskUUID": s(state.task_uuid)},
-        "UpdateExpression": "SET " + ", ".join(sets),
+        "UpdateExpression": "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else ""),
         "ExpressionAttributeNames": names,
         "ExpressionAttributeValues": values,
     }
@@ -150,7 +176,17 @@ def state_from_item(item: Item) -> TaskState:
     return TaskState(
         _text(item, "TaskUUID"), _text(item, "State"), task_name=_text(item, "TaskName"), results=results,
         error=_text(item, "Error"), created_at=_time(item, "CreatedAt"),
+        exc_type=_text(item, "ExcType"), traceback=_text(item, "Traceback"), progress=_json(_text(item, "Progress")),
     )
+
+
+def _json(text: str) -> Any:
+    if not text:
+        return None
+    try:
+        return msgspec.json.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        return None
 
 
 def group_from_item(item: Item) -> GroupMeta:

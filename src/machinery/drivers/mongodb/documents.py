@@ -178,8 +178,25 @@ def state_fields(state: TaskState, delete_at: datetime) -> Doc:
         fields.update(created_fields(state.created_at))
     if state.ttl:
         fields["ttl"] = Int64(state.ttl)
+    fields.update(details_fields(state))
     fields["delete_at"] = delete_at
     return fields
+
+
+#: Python-only fields of a state (Go's driver skips fields its struct lacks)
+DETAILS = ("exc_type", "traceback", "progress")
+
+
+def details_fields(state: TaskState) -> Doc:
+    """A failure's exception type and traceback and the reported progress (as JSON text), when set."""
+    out: Doc = {}
+    if state.exc_type:
+        out["exc_type"] = state.exc_type
+    if state.traceback:
+        out["traceback"] = state.traceback
+    if state.progress is not None:
+        out["progress"] = gojson.encode(state.progress).decode()
+    return out
 
 
 def state_update(state: TaskState, delete_at: datetime) -> Doc:
@@ -189,8 +206,9 @@ def state_update(state: TaskState, delete_at: datetime) -> Doc:
     if not state.task_name:
         del fields["task_name"]
     update: Doc = {"$set": fields}
-    if not state.ttl:
-        update["$unset"] = {"ttl": ""}
+    unset = {name: "" for name in ("ttl", *DETAILS) if name not in fields}
+    if unset:
+        update["$unset"] = unset
     return update
 
 
@@ -205,7 +223,19 @@ def state_from_doc(doc: Doc) -> TaskState:
         error=str(doc.get("error") or ""),
         created_at=_created_at(doc),
         ttl=_int(doc.get("ttl")),
+        exc_type=str(doc.get("exc_type") or ""),
+        traceback=str(doc.get("traceback") or ""),
+        progress=_json(doc.get("progress")),
     )
+
+
+def _json(text: Any) -> Any:
+    if not isinstance(text, str):
+        return None
+    try:
+        return msgspec.json.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        return None
 
 
 # --- group metas ---------------------------------------------------------------------------

@@ -556,12 +556,17 @@ def _state_arg(s: TaskState) -> bytes:
     raw = encode_state(s)
     if not (merge_name or merge_created):
         return _FLAG[flags] + raw
+    # where CreatedAt stands: found in Go's fields alone (the details after them, a progress
+    # value say, may hold the same key); they are the start of the full encoding
+    core = raw if not (s.exc_type or s.traceback or s.progress is not None) else encode_state(TaskState(
+        s.task_uuid, s.state, task_name=s.task_name, results=s.results, error=s.error, ttl=s.ttl))
+    created_at = core.rindex(_CREATED_KEY)
     if not merge_name:  # the usual worker state: cut at CreatedAt's (zero time) value
-        j = raw.rindex(_CREATED_KEY) + len(_CREATED_KEY)
+        j = created_at + len(_CREATED_KEY)
         return _FLAG[flags | 2] + raw[:j] + b"\0" + raw[j + len(_ZERO_TOKEN):]
     # the keys occur once: inside JSON strings a quote is always escaped
     i = raw.index(_NAME_KEY) + len(_NAME_KEY) if merge_name else 0
-    j = raw.rindex(_CREATED_KEY) + len(_CREATED_KEY) if merge_created else len(raw)
+    j = created_at + len(_CREATED_KEY) if merge_created else len(raw)
     name = raw[i:i + 2] if merge_name else b""  # b'""'
     created = raw[j:j + len(_ZERO_TOKEN)] if merge_created else b""
     flags |= (1 if merge_name else 0) | (2 if merge_created else 0)
