@@ -38,6 +38,10 @@ def pending(capsys: pytest.CaptureFixture[str], *extra: str) -> list[dict[str, o
 
 
 def sent_uuid(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    # each `machinery` run is a process of its own, which imports the app afresh (the run closes
+    # the app's Server when it ends); here the runs share one interpreter
+    for name in ("apps.sendapp", "apps.envapp"):
+        sys.modules.pop(name, None)
     capsys.readouterr()
     assert main(argv) == 0, capsys.readouterr().err
     return capsys.readouterr().out.strip()

@@ -320,8 +320,8 @@ class Config(_Section):
     #: does (one read of the group per member: off unless Go workers share the queues)
     go_chord_members: bool = False
     #: hand-backs of a task no worker that took it has registered, before it is dead-lettered (0: never;
-    #: raise it where Go workers register tasks the Python workers lack)
-    unregistered_bounces: int = 5
+    #: where workers that register different tasks share a queue, each hand-back meets a random worker)
+    unregistered_bounces: int = 20
     #: the loop the worker and the sync API's portal thread run on: auto (uvloop if installed), uvloop, asyncio
     event_loop: str = "auto"
     #: seconds the worker's event loop may be blocked (a blocking call in an async def task) before

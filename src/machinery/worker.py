@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import random
 import signal
 import threading
 import time
@@ -448,7 +449,9 @@ class Worker:
                              sig.name, sig.uuid, self.tag, bounces, limit or "unlimited")
         headers[BOUNCES_HEADER] = bounces
         sig.headers = headers
-        sig.eta = datetime.now(UTC) + timedelta(seconds=UNKNOWN_TASK_DELAY)
+        # jittered, so that tasks handed back together do not come back in the same order and
+        # meet the same workers each time (workers that register different tasks on one queue)
+        sig.eta = datetime.now(UTC) + timedelta(seconds=UNKNOWN_TASK_DELAY * random.uniform(0.5, 1.5))
         await self.server.get_broker().publish(sig, self.server.encode(sig), gojson.time_ns(sig.eta))
         self._committer.ack(d)
 
