@@ -1,7 +1,8 @@
 """The periodic-task engine: one fire per tick across processes sharing a lock, skew and failures.
 
-The multi-process tests start three OS processes (tests/periodic_child.py) on the Redis lock (db 11,
-keys under a per-test program prefix) and on the SQLite lock. With CI=true an unreachable Redis fails.
+The multi-process tests start three OS processes (tests/periodic_child.py) on the Redis lock (db 11 of
+this run's own server, keys under a per-test program prefix) and on the SQLite lock. With CI=true a Redis
+that cannot be started fails.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +29,7 @@ from machinery.drivers.memory.lock import MemoryLock
 from machinery.errors import ConfigError
 from machinery.periodic import PeriodicScheduler
 from machinery.portal import Portal
+from redis_servers import redis_url
 
 CHILD = Path(__file__).with_name("periodic_child.py")
 REDIS_DB = 11
@@ -254,27 +255,15 @@ async def test_astop_from_the_same_loop() -> None:
 # --- several OS processes --------------------------------------------------------------------------
 
 
-def _redis_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def redis_lock_url() -> Iterator[tuple[str, str]]:
     """(lock URL, program prefix); deletes the test's keys afterwards."""
-    if not _redis_reachable():
-        message = "Redis is not reachable on 127.0.0.1:6379"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{message} (CI=true: an unreachable server is a failure, not a skip)")
-        pytest.skip(message)
+    url = redis_url(REDIS_DB)
     program = f"ptest-{uuid.uuid4().hex[:10]}-"
-    yield f"redis://127.0.0.1:6379/{REDIS_DB}", program
+    yield url, program
     import redis
 
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+    client = redis.Redis.from_url(url)
     keys = list(client.scan_iter(match=f"machinery_lock_{program}*"))
     if keys:
         client.delete(*keys)

@@ -1,6 +1,6 @@
 """Redis result backend on the real server: Go's keys and JSON, the merge, chords, waking waiters.
 
-Uses db 15 of the shared Redis (MACHINERY_TEST_REDIS_URL), flushed before each test.
+Uses db 15 of this run's own Redis (tests/redis_servers.py), flushed before each test.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from machinery.tasks.state import (
     decode_group_meta,
     decode_state,
 )
-from redis_servers import REDIS_URL, PrivateRedis, require_redis
+from redis_servers import PrivateRedis, redis_url
 
 pytestmark = pytest.mark.redis
 
@@ -36,16 +36,15 @@ GOLDEN = Path(__file__).parent / "golden"
 
 @pytest.fixture
 async def raw() -> AsyncIterator[aioredis.Redis]:
-    require_redis()
-    client = aioredis.Redis.from_url(REDIS_URL)
-    await client.flushdb()
+    client = aioredis.Redis.from_url(redis_url())
+    await client.flushdb()  # this run's own server: no other run has keys there
     yield client
     await client.aclose()
 
 
 @pytest.fixture
 async def backend(raw: aioredis.Redis) -> AsyncIterator[RedisBackend]:
-    b = RedisBackend(Config(broker=REDIS_URL, result_backend=REDIS_URL, results_expire_in=120))
+    b = RedisBackend(Config(broker=redis_url(), result_backend=redis_url(), results_expire_in=120))
     yield b
     await b.close()
 

@@ -21,7 +21,7 @@ from machinery.config import RedisConfig
 from machinery.drivers.redis.backend import RedisBackend
 from machinery.errors import BackendError, BrokerError, TimeoutError
 from machinery.tasks.state import PENDING, SUCCESS, TaskResult, TaskState, encode_state
-from redis_servers import REDIS_URL, PrivateRedis, require_redis
+from redis_servers import PrivateRedis, redis_url
 
 pytestmark = pytest.mark.redis
 
@@ -30,16 +30,15 @@ GOLDEN = Path(__file__).parent / "golden"
 
 @pytest.fixture
 def raw() -> Iterator[redis.Redis]:
-    require_redis()
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
+    client = redis.Redis.from_url(redis_url())
+    client.flushdb()  # this run's own server: no other run has keys there
     yield client
     client.close()
 
 
 @pytest.fixture
 def server(raw: redis.Redis) -> Iterator[Server]:
-    s = Server(Config(broker=REDIS_URL, result_backend=REDIS_URL, results_expire_in=120))
+    s = Server(Config(broker=redis_url(), result_backend=redis_url(), results_expire_in=120))
     yield s
     s.close()
 
@@ -62,7 +61,7 @@ def store_later(url: str, state: TaskState, delay: float, stored_at: list[float]
 def test_send_and_wait_never_start_the_portal_thread(server: Server, raw: redis.Redis) -> None:
     res = server.send_task(Signature("add", args=[1, 2]))
     stored_at: list[float] = []
-    t = store_later(REDIS_URL, TaskState(res.task_uuid, SUCCESS, results=[TaskResult("int64", 3)]), 0.3, stored_at)
+    t = store_later(redis_url(), TaskState(res.task_uuid, SUCCESS, results=[TaskResult("int64", 3)]), 0.3, stored_at)
     assert res.get(timeout=10) == 3
     woke = time.monotonic() - stored_at[0]
     t.join()
@@ -260,7 +259,7 @@ def test_cluster_and_sentinel_take_the_asyncio_path() -> None:
 
 
 def test_without_a_result_backend_a_send_is_one_rpush_in_the_callers_thread(raw: redis.Redis) -> None:
-    srv = Server(Config(broker=REDIS_URL, result_backend="null://"))
+    srv = Server(Config(broker=redis_url(), result_backend="null://"))
     try:
         srv.send_task(Signature("add", args=[1, 2], uuid="task_a"))
         assert srv.portal._thread is None

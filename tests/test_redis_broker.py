@@ -1,6 +1,6 @@
 """Redis broker on the real server: Go wire interop, leases, reaper, delayed batches, round trips.
 
-Uses db 15 of the shared Redis (MACHINERY_TEST_REDIS_URL), flushed before each test.
+Uses db 15 of this run's own Redis (tests/redis_servers.py), flushed before each test.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from machinery.drivers.redis.broker import RedisBroker
 from machinery.drivers.redis.client import Lane
 from machinery.tasks import gojson
 from machinery.tasks.signature import Signature, decode_signature, encode_signature
-from redis_servers import REDIS_URL, require_redis
+from redis_servers import redis_url
 
 pytestmark = pytest.mark.redis
 
@@ -32,16 +32,15 @@ GO_ADD = (GOLDEN / "signature_add.json").read_bytes()
 
 @pytest.fixture
 async def raw() -> AsyncIterator[aioredis.Redis]:
-    require_redis()
-    client = aioredis.Redis.from_url(REDIS_URL)
-    await client.flushdb()
+    client = aioredis.Redis.from_url(redis_url())
+    await client.flushdb()  # this run's own server: no other run has keys there
     yield client
     await client.aclose()
 
 
 @pytest.fixture
 def cnf(raw: aioredis.Redis) -> Config:
-    return Config(broker=REDIS_URL, result_backend=REDIS_URL)
+    return Config(broker=redis_url(), result_backend=redis_url())
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from machinery.errors import BackendError
 from machinery.tasks.signature import encode_signature
 from machinery.tasks.state import RECEIVED, SUCCESS, TaskState
 from machinery.testing import running_worker
-from redis_servers import REDIS_URL, require_redis
+from redis_servers import redis_url
 from test_redis_broker import counted
 
 pytestmark = pytest.mark.redis
@@ -37,16 +37,15 @@ INFLIGHT = "{machinery_tasks}:machinery:inflight"
 
 @pytest.fixture
 async def raw() -> AsyncIterator[aioredis.Redis]:
-    require_redis()
-    client = aioredis.Redis.from_url(REDIS_URL)
-    await client.flushdb()
+    client = aioredis.Redis.from_url(redis_url())
+    await client.flushdb()  # this run's own server: no other run has keys there
     yield client
     await client.aclose()
 
 
 @pytest.fixture
 def cnf(raw: aioredis.Redis) -> Config:
-    return Config(broker=REDIS_URL, result_backend=REDIS_URL)
+    return Config(broker=redis_url(), result_backend=redis_url())
 
 
 @pytest.fixture
@@ -256,7 +255,7 @@ def test_worker_round_trips_on_an_idle_queue_need_no_claim(cnf: Config, raw: aio
         time.sleep(0.3)  # the worker is blocked in BLMOVE by now
         for i in range(5):
             assert server.send_task(Signature("add", [i, 1])).get(timeout=10) == i + 1
-    probe = redis.Redis.from_url(REDIS_URL)
+    probe = redis.Redis.from_url(redis_url())
     assert probe.get(f"{{{QUEUE}}}:machinery:seq") is None  # no message was ever claimed
     assert probe.hlen(INFLIGHT) == 0 and probe.llen(QUEUE) == 0
     probe.close()
@@ -314,7 +313,7 @@ async def test_one_task_sends_at_once_on_one_loop_all_land(cnf: Config, raw: aio
 async def test_a_connection_limit_waits_or_fails_as_configured(raw: aioredis.Redis, wait: bool) -> None:
     """redis.max_active with redis.wait, as Go's MaxActive and Wait: at the limit, sends wait
     for a free connection, or fail with a clear error."""
-    cnf = Config(broker=REDIS_URL, result_backend=REDIS_URL, redis=RedisConfig(max_active=3, wait=wait))
+    cnf = Config(broker=redis_url(), result_backend=redis_url(), redis=RedisConfig(max_active=3, wait=wait))
     server = Server(cnf)
     sigs = [Signature("add", [i, i]) for i in range(100)]
     sends = asyncio.gather(*(server.asend_task(s) for s in sigs))
@@ -328,7 +327,7 @@ async def test_a_connection_limit_waits_or_fails_as_configured(raw: aioredis.Red
 
 
 async def test_no_joint_send_across_servers(cnf: Config, raw: aioredis.Redis) -> None:
-    other = Config(broker=REDIS_URL, result_backend=REDIS_URL.rsplit("/", 1)[0] + "/14")
+    other = Config(broker=redis_url(), result_backend=redis_url(14))
     backend = RedisBackend(other)
     assert backend.joint_send(RedisBroker(other)) is None
     assert RedisBackend(cnf).joint_send(RedisBroker(cnf)) is not None
@@ -447,7 +446,7 @@ def test_a_chain_link_sends_the_next_with_its_state(cnf: Config, raw: aioredis.R
         assert result.get(timeout=20) == 20
         states = [r.get_state() for r in result.async_results]
     assert [s.state for s in states] == [SUCCESS] * 20  # type: ignore[union-attr]
-    probe = redis.Redis.from_url(REDIS_URL)
+    probe = redis.Redis.from_url(redis_url())
     assert probe.hlen(INFLIGHT) == 0 and probe.llen(QUEUE) == 0
     probe.close()
     server.close()
@@ -461,7 +460,7 @@ def test_worker_runs_at_most_concurrency_and_holds_at_most_twice_that(cnf: Confi
     running = {"now": 0, "max": 0}
     held: list[int] = []
     claimed: list[int] = []
-    probe = redis.Redis.from_url(REDIS_URL)
+    probe = redis.Redis.from_url(redis_url())
     workers: list[Any] = []
 
     @server.task
