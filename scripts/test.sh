@@ -36,7 +36,7 @@ fi
 
 .venv/bin/ruff check src tests
 .venv/bin/mypy src/machinery
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --cov --cov-report=term "$@"  # branch coverage: pyproject.toml
 
 if [ "${MACHINERY_SKIP_LOWEST:-}" != 1 ] && [ $# -eq 0 ]; then
   echo "== again at the lowest supported versions (constraints/lowest.txt), slow tests left out"
