@@ -55,7 +55,8 @@ def test_forked_redis_workers_run_each_task_once(tmp_path: Path) -> None:
     (its own landing list), or a message one child BLMOVEd is run by both."""
     import signal
     import subprocess
-    import time
+
+    import redis
 
     from machinery import Chain, Server, Signature
     from workflow_load import CLI
@@ -71,10 +72,17 @@ def test_forked_redis_workers_run_each_task_once(tmp_path: Path) -> None:
             assert [r.get(timeout=30) for r in results] == [i, i + 1, i + 2]
         links = [Signature("sleepy", [0, 100 + i], immutable=True) for i in range(30)]
         assert server.send_chain(Chain(*links)).get(timeout=60) == 129
-        time.sleep(0.3)  # a duplicate would run right after its original
     finally:
         server.close()
         workers.send_signal(signal.SIGTERM)
         workers.wait(timeout=60)
+    # The workers are gone and nothing is left queued, claimed or landed: no duplicate can still run.
+    queue = env["DEFAULT_QUEUE"]
+    probe = redis.Redis.from_url(url)
+    try:
+        assert probe.llen(queue) == 0 and probe.hlen(f"{{{queue}}}:machinery:inflight") == 0
+        assert [k for k in probe.scan_iter(match=f"{{{queue}}}:machinery:landing:*") if probe.llen(k)] == []
+    finally:
+        probe.close()
     tags = sorted(int(line.split()[0]) for line in log.read_text().splitlines())
     assert tags == [*range(60), *range(100, 130)]
