@@ -102,6 +102,18 @@ def _wait_ping(port: int, deadline_s: float = 10.0, password: str = "") -> None:
     raise RuntimeError(f"redis-server on port {port} did not come up")
 
 
+def _server_pid(port: int, password: str = "") -> int | None:
+    import redis
+
+    client = redis.Redis(port=port, password=password or None, socket_timeout=2)
+    try:
+        return int(client.info("server")["process_id"])
+    except Exception:
+        return None
+    finally:
+        client.close()
+
+
 class PrivateRedis:
     """A redis-server child process; stop() and start() again keep its port and data dir."""
 
@@ -132,6 +144,9 @@ class PrivateRedis:
             args += ["--save", ""]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_ping(self.port, password=self.password)
+        if _server_pid(self.port, self.password) != self.proc.pid:  # another run took the port first
+            self.stop()
+            raise RuntimeError(f"port {self.port} is served by another redis-server")
         return self
 
     def kill(self) -> None:
@@ -211,13 +226,20 @@ def session_redis() -> PrivateRedis:
         if not _session:
             require_binary("redis-server")
             directory = Path(tempfile.mkdtemp(prefix="machinery-redis-session-"))
-            server = PrivateRedis(directory)
-            try:
-                server.start()
-            except BaseException:
-                server.stop()
-                shutil.rmtree(directory, ignore_errors=True)
-                raise
+            for attempt in range(5):  # a free port can be taken by another run before our server binds it
+                server = PrivateRedis(directory)
+                try:
+                    server.start()
+                    break
+                except RuntimeError:
+                    server.stop()
+                    if attempt == 4:
+                        shutil.rmtree(directory, ignore_errors=True)
+                        raise
+                except BaseException:
+                    server.stop()
+                    shutil.rmtree(directory, ignore_errors=True)
+                    raise
 
             def stop() -> None:
                 server.stop()
