@@ -25,7 +25,7 @@ compile() {  # compile OUTPUT WHAT [uv options...]
 }
 compile constraints/dev.txt "The newest releases" --upgrade
 # the lowest-versions pass tests the runtime ranges: the test tools stay at their dev.txt releases
-grep -iE '^(pytest|pytest-asyncio|pytest-timeout|hypothesis|moto|mypy|ruff|types-pyyaml)==' \
+grep -iE '^(pytest|pytest-asyncio|pytest-timeout|pytest-cov|coverage|hypothesis|moto|mypy|ruff|types-pyyaml)==' \
   constraints/dev.txt > constraints/test-tools.txt
 compile constraints/lowest.txt "Each runtime dependency at its lowest admitted release (test tools as dev.txt)" \
   --resolution lowest-direct --override constraints/test-tools.txt

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite from a fresh clone: install, start what the tests need, lint, type-check, test.
-# Redis (6379) and RabbitMQ (5672) are expected to be running already (they are on the project's
-# machines); the tests start private instances of anything else they need on free ports.
+# RabbitMQ (5672) is expected to be running already (it is on the project's machines; the tests use
+# names unique to the run there); the tests start private instances of anything else they need on
+# free ports, Redis included.
 #
 # Everything is installed at the versions that constraints/dev.txt pins (scripts/lock.sh moves them
 # forward on purpose), so a release made since the last lock cannot change the result. A second
@@ -35,7 +36,7 @@ fi
 
 .venv/bin/ruff check src tests
 .venv/bin/mypy src/machinery
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --cov --cov-report=term "$@"  # branch coverage: pyproject.toml
 
 if [ "${MACHINERY_SKIP_LOWEST:-}" != 1 ] && [ $# -eq 0 ]; then
   echo "== again at the lowest supported versions (constraints/lowest.txt), slow tests left out"

@@ -1,8 +1,13 @@
-"""Redis servers for the tests: the shared one on 6379, private instances and a private Cluster.
+"""Redis servers for the tests: this run's own server, private instances and a private Cluster.
 
-The shared server is used on db 15 (MACHINERY_TEST_REDIS_URL overrides it). Private servers are
-child processes of the test run on free ports in a temp dir, so fault tests can kill and restart
-them without disturbing anything else. With CI=true an unreachable server fails the test.
+Every Redis test works on `redis_url()`: a redis-server that this test run starts on a free port on
+first use and stops at exit, so that two runs on one machine never see each other's keys and a test
+may flush its database freely. The shared server on 6379 is never used. MACHINERY_TEST_REDIS_URL
+names another server instead; it must be one that no other run uses, since the tests flush it.
+
+Private servers are child processes of the test run on free ports in a temp dir, so fault tests can
+kill and restart them without disturbing anything else. With CI=true a server that cannot be started
+or reached fails the test instead of skipping it.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from servers import unavailable
 
-REDIS_URL = os.environ.get("MACHINERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+DEFAULT_DB = 15  # the database most tests use; a few use others of the same server (lock 11, contract 14)
 
 
-def ping(url: str = REDIS_URL, timeout: float = 2.0, password: str = "") -> bool:
+def ping(url: str, timeout: float = 2.0, password: str = "") -> bool:
     import redis
 
     try:
@@ -38,9 +44,24 @@ def ping(url: str = REDIS_URL, timeout: float = 2.0, password: str = "") -> bool
         return False
 
 
-def require_redis(url: str = REDIS_URL) -> None:
+def require_redis(url: str) -> None:
     if not ping(url):
         unavailable(f"Redis is not reachable at {url}")
+
+
+def redis_url(db: int = DEFAULT_DB) -> str:
+    """The URL of database `db` on this run's Redis; skips the test (fails it with CI=true) when there is none."""
+    override = os.environ.get("MACHINERY_TEST_REDIS_URL")
+    if override:
+        url = urlunsplit(urlsplit(override)._replace(path=f"/{db}"))
+        require_redis(url)
+        return url
+    try:
+        server = session_redis()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        unavailable(f"cannot start this run's redis-server: {exc}")
+        raise AssertionError("unreachable") from exc
+    return f"redis://127.0.0.1:{server.port}/{db}"
 
 
 def require_binary(name: str) -> str:
@@ -81,6 +102,18 @@ def _wait_ping(port: int, deadline_s: float = 10.0, password: str = "") -> None:
     raise RuntimeError(f"redis-server on port {port} did not come up")
 
 
+def _server_pid(port: int, password: str = "") -> int | None:
+    import redis
+
+    client = redis.Redis(port=port, password=password or None, socket_timeout=2)
+    try:
+        return int(client.info("server")["process_id"])
+    except Exception:
+        return None
+    finally:
+        client.close()
+
+
 class PrivateRedis:
     """A redis-server child process; stop() and start() again keep its port and data dir."""
 
@@ -111,6 +144,9 @@ class PrivateRedis:
             args += ["--save", ""]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_ping(self.port, password=self.password)
+        if _server_pid(self.port, self.password) != self.proc.pid:  # another run took the port first
+            self.stop()
+            raise RuntimeError(f"port {self.port} is served by another redis-server")
         return self
 
     def kill(self) -> None:
@@ -178,6 +214,40 @@ class PrivateCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+_session_lock = threading.Lock()
+_session: list[PrivateRedis] = []
+
+
+def session_redis() -> PrivateRedis:
+    """This run's own redis-server, started on first use and stopped (its data dir removed) at exit."""
+    with _session_lock:
+        if not _session:
+            require_binary("redis-server")
+            directory = Path(tempfile.mkdtemp(prefix="machinery-redis-session-"))
+            for attempt in range(5):  # a free port can be taken by another run before our server binds it
+                server = PrivateRedis(directory)
+                try:
+                    server.start()
+                    break
+                except RuntimeError:
+                    server.stop()
+                    if attempt == 4:
+                        shutil.rmtree(directory, ignore_errors=True)
+                        raise
+                except BaseException:
+                    server.stop()
+                    shutil.rmtree(directory, ignore_errors=True)
+                    raise
+
+            def stop() -> None:
+                server.stop()
+                shutil.rmtree(directory, ignore_errors=True)
+
+            atexit.register(stop)
+            _session.append(server)
+        return _session[0]
 
 
 _cluster_lock = threading.Lock()

@@ -24,6 +24,7 @@ from machinery.tasks.state import (
     TaskState,
     decode_state,
 )
+from timing import Calls
 
 pytestmark = pytest.mark.amqp
 
@@ -119,28 +120,33 @@ async def test_concurrent_readers_in_one_process_all_see_the_state(backend: AMQP
     assert all(g is not None and g.state == SUCCESS for g in got)
 
 
-async def test_wait_completed_wakes_on_a_go_workers_write(backend: AMQPBackend, cnf: Config, admin: Admin) -> None:
+async def test_wait_completed_wakes_on_a_go_workers_write(
+    backend: AMQPBackend, cnf: Config, admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from machinery.drivers.amqp import backend as amqp_backend
+
+    monkeypatch.setattr(amqp_backend, "RECHECK", 60.0)  # no re-read within the wait: only a wake-up ends it
     task = task_id()
     await backend.set_state(TaskState(task, STARTED))
+    reads = Calls(monkeypatch, backend, "_read_shared")
 
     async def go_worker() -> None:
-        await asyncio.sleep(0.3)
+        await reads.reach(2)  # read before and after the watch started: the wait is watching now
         await admin.publish(cnf.amqp.exchange, task, done(task, 5).to_json(), delivery_mode=2)
 
     writer = asyncio.create_task(go_worker())
-    start = time.monotonic()
     got = await backend.wait_completed(task, 20)
     assert got is not None and got.values() == [5]
-    assert time.monotonic() - start < 2.0  # woken, not the 5 s re-check
+    assert reads.count == 2  # woken by the state's message, not found by a re-read
     await writer
 
 
 async def test_wait_completed_honours_its_timeout_when_rabbitmq_is_down() -> None:
     backend = AMQPBackend(make_cnf(url="amqp://guest:guest@127.0.0.1:1/"))
-    backend.retry_window = 3.0  # longer than the wait: the wait's own timeout must win
+    backend.retry_window = 30.0  # far longer than the wait: the wait's own timeout must win
     start = time.monotonic()
     assert await backend.wait_completed(task_id(), 0.5) is None
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 10.0
     with pytest.raises(BackendError, match="not reachable"):
         await backend.get_state(task_id())
     await backend.close()

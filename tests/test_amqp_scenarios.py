@@ -13,6 +13,7 @@ import pytest
 
 from amqp_support import AMQP_URL, Admin, make_cnf, unavailable
 from machinery import Config, Group, Server, Signature
+from redis_servers import redis_url
 from scenarios import TIMEOUT, ScenarioSuite, custom_queue_worker
 from victims import kill_victim_then_rescue
 
@@ -61,8 +62,7 @@ class TestAMQPAMQPScenarios(_AMQPSuite):
 
 class TestAMQPRedisScenarios(_AMQPSuite):
     def make_config(self, tmp_path: Path) -> Config:
-        _require("127.0.0.1", 6379, "Redis")
-        self.cnf.result_backend = "redis://127.0.0.1:6379/0"
+        self.cnf.result_backend = redis_url()
         return self.cnf
 
 

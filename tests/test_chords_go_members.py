@@ -14,7 +14,7 @@ import pytest
 from machinery import AsyncResult, Chord, Config, Group, Server, Signature
 from machinery.tasks.state import FAILURE, SUCCESS, TaskResult, TaskState
 from machinery.testing import running_worker
-from redis_servers import REDIS_URL, require_redis
+from redis_servers import redis_url
 
 GO_QUEUE = "go_workers"  # no Python worker reads it: its members are "run by Go" below
 
@@ -22,13 +22,13 @@ GO_QUEUE = "go_workers"  # no Python worker reads it: its members are "run by Go
 @pytest.fixture(params=["memory", "sqlite", "redis"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "redis":
-        require_redis()
         import redis
 
-        client = redis.Redis.from_url(REDIS_URL)
-        client.flushdb()
+        redis_db = redis_url()
+        client = redis.Redis.from_url(redis_db)
+        client.flushdb()  # this run's own server: no other run has keys there
         client.close()
-        yield REDIS_URL
+        yield redis_db
     elif request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'chords.sqlite3'}"
     else:

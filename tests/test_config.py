@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import importlib
+import logging
 import os
 import subprocess
 import sys
@@ -440,7 +441,9 @@ def _wait_for(predicate: Any, timeout: float = 5.0) -> bool:
     return False
 
 
-def test_keep_reloading_rereads_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keep_reloading_rereads_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(config_module._Reloader, "interval", 0.01)
     path = write(tmp_path, "default_queue: first\nredis:\n  max_idle: 1\n")
     cnf = Config.from_yaml(path, keep_reloading=True)
@@ -449,8 +452,9 @@ def test_keep_reloading_rereads_the_file(tmp_path: Path, monkeypatch: pytest.Mon
         replace(path, "default_queue: second\nredis:\n  max_idle: 2\n")
         assert _wait_for(lambda: cnf.default_queue == "second" and cnf.redis.max_idle == 2)
         # a broken file is logged and skipped: the live values stay
-        replace(path, "default_queue: [broken\n")
-        time.sleep(0.1)
+        with caplog.at_level(logging.WARNING, logger="machinery"):
+            replace(path, "default_queue: [broken\n")
+            assert _wait_for(lambda: "keeping the old values" in caplog.text), "the broken file was never read"
         assert cnf.default_queue == "second"
         replace(path, "default_queue: third\n")
         assert _wait_for(lambda: cnf.default_queue == "third" and cnf.redis.max_idle == 3)

@@ -1,18 +1,17 @@
 """The periodic-task engine: one fire per tick across processes sharing a lock, skew and failures.
 
-The multi-process tests start three OS processes (tests/periodic_child.py) on the Redis lock (db 11,
-keys under a per-test program prefix) and on the SQLite lock. With CI=true an unreachable Redis fails.
+The multi-process tests start three OS processes (tests/periodic_child.py) on the Redis lock (db 11 of
+this run's own server, keys under a per-test program prefix) and on the SQLite lock. With CI=true a Redis
+that cannot be started fails.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,8 +26,10 @@ from machinery.config import Config
 from machinery.cron import CronError
 from machinery.drivers.memory.lock import MemoryLock
 from machinery.errors import ConfigError
-from machinery.periodic import PeriodicScheduler
+from machinery.periodic import FireFn, PeriodicScheduler
 from machinery.portal import Portal
+from manual_clock import START_NS, ClockedLock, ManualClock
+from redis_servers import redis_url
 
 CHILD = Path(__file__).with_name("periodic_child.py")
 REDIS_DB = 11
@@ -94,31 +95,45 @@ def test_lock_key_is_gos_scheme() -> None:
     )
 
 
-# --- in-process behaviour ------------------------------------------------------------------------
+# --- in-process behaviour (on a manual clock: ticks fire when the test moves time) ------------------
 
 
-async def run_for(seconds: float, *schedulers: PeriodicScheduler) -> None:
+def clocked(fires: list[tuple[str, int]], clock: ManualClock, who: str) -> FireFn:
+    """A fire function that records who fired at what time of the clock."""
+    async def fire() -> None:
+        fires.append((who, clock.now_ns()))
+
+    return fire
+
+
+def tick_seconds(fires: list[tuple[str, int]]) -> list[int]:
+    """The second of each fire, relative to the clock's start (ticks of "@every 1s" fall on whole seconds)."""
+    return sorted(ns // NS - START_NS // NS for _, ns in fires)
+
+
+async def running(*schedulers: PeriodicScheduler) -> list[asyncio.Task[None]]:
     tasks = [asyncio.create_task(s.run()) for s in schedulers]
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(0)  # each run() has started its schedule loops
+    return tasks
+
+
+async def cancel(tasks: list[asyncio.Task[None]]) -> None:
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def ticks_of(fires: list[tuple[str, int]]) -> Counter[int]:
-    return Counter(ns // NS for _, ns in fires)
-
-
 async def test_two_schedulers_sharing_a_lock_fire_each_tick_once() -> None:
-    lock = memory_lock()
+    clock = ManualClock()
+    lock = ClockedLock(clock)
     fires: list[tuple[str, int]] = []
-    a, b = PeriodicScheduler(lock), PeriodicScheduler(lock)
-    a.add("@every 1s", "tick", recorder(fires, "a"))  # type: ignore[arg-type]
-    b.add("@every 1s", "tick", recorder(fires, "b"))  # type: ignore[arg-type]
-    await run_for(3.2, a, b)
-    counts = ticks_of(fires)
-    assert len(counts) >= 2
-    assert set(counts.values()) == {1}, fires
+    a, b = PeriodicScheduler(lock, clock=clock), PeriodicScheduler(lock, clock=clock)
+    a.add("@every 1s", "tick", clocked(fires, clock, "a"))
+    b.add("@every 1s", "tick", clocked(fires, clock, "b"))
+    tasks = await running(a, b)
+    await clock.aadvance(5, sleeping=2)
+    await cancel(tasks)
+    assert tick_seconds(fires) == [1, 2, 3, 4, 5], fires  # every tick, each by one of the two
 
 
 async def test_fire_errors_are_logged_and_the_loop_goes_on(caplog: pytest.LogCaptureFixture) -> None:
@@ -129,17 +144,20 @@ async def test_fire_errors_are_logged_and_the_loop_goes_on(caplog: pytest.LogCap
         calls += 1
         raise RuntimeError("broker down")
 
-    scheduler = PeriodicScheduler(memory_lock())
+    clock = ManualClock()
+    scheduler = PeriodicScheduler(ClockedLock(clock), clock=clock)
     scheduler.add("@every 1s", "boom", boom)
     with caplog.at_level(logging.ERROR, logger="machinery"):
-        await run_for(2.3, scheduler)
-    assert calls >= 2
-    assert "periodic task boom (@every 1s): firing failed" in caplog.text
+        tasks = await running(scheduler)
+        await clock.aadvance(3, sleeping=1)
+        await cancel(tasks)
+    assert calls == 3
+    assert caplog.text.count("periodic task boom (@every 1s): firing failed") == 3
     assert "broker down" in caplog.text
 
 
 async def test_lock_errors_skip_the_tick_only(caplog: pytest.LogCaptureFixture) -> None:
-    class FlakyLock(MemoryLock):
+    class FlakyLock(ClockedLock):
         attempts = 0
 
         async def acquire(self, key: str, expires_at_ns: int) -> bool:
@@ -148,31 +166,39 @@ async def test_lock_errors_skip_the_tick_only(caplog: pytest.LogCaptureFixture) 
                 raise ConnectionError("lock store unreachable")
             return await super().acquire(key, expires_at_ns)
 
+    clock = ManualClock()
     fires: list[tuple[str, int]] = []
-    scheduler = PeriodicScheduler(FlakyLock(Config(broker="memory", result_backend="memory")))
-    scheduler.add("@every 1s", "flaky", recorder(fires, "x"))  # type: ignore[arg-type]
+    scheduler = PeriodicScheduler(FlakyLock(clock), clock=clock)
+    scheduler.add("@every 1s", "flaky", clocked(fires, clock, "x"))
     with caplog.at_level(logging.ERROR, logger="machinery"):
-        await run_for(2.3, scheduler)
+        tasks = await running(scheduler)
+        await clock.aadvance(3, sleeping=1)
+        await cancel(tasks)
     assert "taking the lock failed; tick skipped" in caplog.text
-    assert len(fires) >= 1
+    assert tick_seconds(fires) == [2, 3]  # the first tick's lock failed; the next ones fire
 
 
 async def test_go_process_holding_the_key_blocks_python() -> None:
     """A Go Machinery scheduler of the same program took Go's key: Python must not fire that tick."""
-    lock = memory_lock()
+    clock = ManualClock()
+    lock = ClockedLock(clock)
     fires: list[tuple[str, int]] = []
-    scheduler = PeriodicScheduler(lock, program="app")
-    scheduler.add("@every 1s", "job", recorder(fires, "py"))  # type: ignore[arg-type]
-    assert await lock.acquire(scheduler.lock_key("job", "@every 1s"), time.time_ns() + 10 * NS)
-    await run_for(2.2, scheduler)
+    scheduler = PeriodicScheduler(lock, program="app", clock=clock)
+    scheduler.add("@every 1s", "job", clocked(fires, clock, "py"))
+    assert await lock.acquire(scheduler.lock_key("job", "@every 1s"), clock.now_ns() + 10 * NS)
+    tasks = await running(scheduler)
+    await clock.aadvance(3, sleeping=1)
+    await cancel(tasks)
     assert fires == []
 
-    other_lock = memory_lock()
-    assert await other_lock.acquire(scheduler.lock_key("job", "@every 1s"), time.time_ns() + 10 * NS)
-    independent = PeriodicScheduler(other_lock, program="app", go_compatible=False)
-    independent.add("@every 1s", "job", recorder(fires, "py"))  # type: ignore[arg-type]
-    await run_for(2.2, independent)
-    assert len(fires) >= 1
+    other_lock = ClockedLock(clock)
+    assert await other_lock.acquire(scheduler.lock_key("job", "@every 1s"), clock.now_ns() + 10 * NS)
+    independent = PeriodicScheduler(other_lock, program="app", go_compatible=False, clock=clock)
+    independent.add("@every 1s", "job", clocked(fires, clock, "py"))
+    tasks = await running(independent)
+    await clock.aadvance(2, sleeping=1)
+    await cancel(tasks)
+    assert tick_seconds(fires) == [4, 5]
 
 
 async def test_a_lagging_clock_cannot_fire_a_tick_again() -> None:
@@ -191,90 +217,84 @@ async def test_a_lagging_clock_cannot_fire_a_tick_again() -> None:
     assert await lock.acquire(a.lock_key("job", "@every 1s"), time.time_ns() + NS) is True
 
 
-async def test_missed_ticks_are_skipped_not_replayed() -> None:
+async def test_missed_ticks_are_skipped_not_replayed(caplog: pytest.LogCaptureFixture) -> None:
+    clock = ManualClock()
     fires: list[tuple[str, int]] = []
-    scheduler = PeriodicScheduler(memory_lock())
-    scheduler.add("@every 1s", "job", recorder(fires, "x"))  # type: ignore[arg-type]
-    task = asyncio.create_task(scheduler.run())
-    await asyncio.sleep(1.2)
-    time.sleep(2.5)  # noqa: ASYNC251 - block the loop through two ticks, as a suspended process would
-    await asyncio.sleep(1.5)
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    times = sorted(ns for _, ns in fires)
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert all(g > 0.5 * NS for g in gaps), f"a burst of replayed ticks: {gaps}"
-    assert len(times) <= 4
+    scheduler = PeriodicScheduler(ClockedLock(clock), clock=clock)
+    scheduler.add("@every 1s", "job", clocked(fires, clock, "x"))
+    with caplog.at_level(logging.WARNING, logger="machinery"):
+        tasks = await running(scheduler)
+        await clock.aadvance(1, sleeping=1)  # tick 1 fires; the loop sleeps until tick 2
+        clock.jump(2.2)  # suspended through ticks 2 and 3: it wakes at 3.7
+        await clock.aadvance(0.5, sleeping=1)  # tick 4 is the next one it fires
+        await cancel(tasks)
+    assert tick_seconds(fires) == [1, 4], "missed ticks must be skipped, not fired late or in a burst"
+    assert "missed ticks while blocked or suspended" in caplog.text
 
 
 async def test_expired_tick_keys_are_released() -> None:
-    lock = memory_lock()
-    scheduler = PeriodicScheduler(lock, max_clock_skew=0.0)
-    scheduler.add("@every 1s", "job", _noop)
-    await run_for(4.2, scheduler)
+    clock = ManualClock()
+    lock = ClockedLock(clock)
+    fires: list[tuple[str, int]] = []
+    scheduler = PeriodicScheduler(lock, max_clock_skew=0.0, clock=clock)
+    scheduler.add("@every 1s", "job", clocked(fires, clock, "x"))
+    tasks = await running(scheduler)
+    await clock.aadvance(6, sleeping=1)
+    await cancel(tasks)
+    assert len(fires) == 6
     # Go's key plus at most the two newest tick keys: older ones were released, not accumulated.
     assert len(lock._held) <= 3, lock._held
 
 
 def test_start_stop_on_a_portal_and_add_while_running() -> None:
     portal = Portal("test-periodic")
+    clock = ManualClock()
     fires: list[tuple[str, int]] = []
-    scheduler = PeriodicScheduler(memory_lock())
+    scheduler = PeriodicScheduler(ClockedLock(clock), clock=clock)
     try:
-        scheduler.add("@every 1s", "first", recorder(fires, "first"))  # type: ignore[arg-type]
+        scheduler.add("@every 1s", "first", clocked(fires, clock, "first"))
         scheduler.start(portal)
         scheduler.start(portal)  # idempotent on the same portal
-        time.sleep(0.3)
+        clock.wait_sleeping(1)
         assert scheduler.running
-        scheduler.add("@every 1s", "second", recorder(fires, "second"))  # type: ignore[arg-type]
-        time.sleep(2.2)
+        scheduler.add("@every 1s", "second", clocked(fires, clock, "second"))
+        clock.advance(2, sleeping=2)
+        assert sorted(who for who, _ in fires) == ["first", "first", "second", "second"]
         scheduler.stop()
         assert not scheduler.running
-        seen = {who for who, _ in fires}
-        assert seen == {"first", "second"}
-        count = len(fires)
-        time.sleep(1.2)
-        assert len(fires) == count  # stopped means stopped
+        assert clock.sleeping() == 0  # its loops are gone, not parked
+        clock.jump(5)
+        assert len(fires) == 4  # stopped means stopped
     finally:
         scheduler.stop()
         portal.close()
 
 
 async def test_astop_from_the_same_loop() -> None:
-    scheduler = PeriodicScheduler(memory_lock())
+    clock = ManualClock()
+    scheduler = PeriodicScheduler(ClockedLock(clock), clock=clock)
     scheduler.add("@hourly", "job", _noop)
     task = asyncio.create_task(scheduler.run())
-    await asyncio.sleep(0.05)
+    await clock.await_sleeping(1)
     assert scheduler.running
     await scheduler.astop()
     assert task.done()
     assert not scheduler.running
+    assert clock.sleeping() == 0
 
 
 # --- several OS processes --------------------------------------------------------------------------
 
 
-def _redis_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def redis_lock_url() -> Iterator[tuple[str, str]]:
     """(lock URL, program prefix); deletes the test's keys afterwards."""
-    if not _redis_reachable():
-        message = "Redis is not reachable on 127.0.0.1:6379"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{message} (CI=true: an unreachable server is a failure, not a skip)")
-        pytest.skip(message)
+    url = redis_url(REDIS_DB)
     program = f"ptest-{uuid.uuid4().hex[:10]}-"
-    yield f"redis://127.0.0.1:6379/{REDIS_DB}", program
+    yield url, program
     import redis
 
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+    client = redis.Redis.from_url(url)
     keys = list(client.scan_iter(match=f"machinery_lock_{program}*"))
     if keys:
         client.delete(*keys)

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
 
-from machinery import Chain, Chord, Group, Signature
+from machinery import Chain, Chord, Group, Server, Signature
 from machinery.errors import ConfigError
+from machinery.periodic import PeriodicScheduler
 from machinery.testing import memory_server, running_worker
+from manual_clock import ClockedLock, ManualClock
+
+
+def clocked_server(clock: ManualClock) -> Server:
+    """An in-memory server whose periodic scheduler runs on `clock` (set before the first registration)."""
+    server = memory_server()
+    server._scheduler = PeriodicScheduler(ClockedLock(clock), clock=clock)
+    return server
 
 
 def test_each_kind_fires_on_schedule() -> None:
-    server = memory_server()
-    lock = threading.Lock()
+    clock = ManualClock()
+    server = clocked_server(clock)
+    ran = threading.Condition()
     seen: dict[str, list[Any]] = {"task": [], "group": [], "chain": [], "chord": []}
 
     def recorder(kind: str) -> Any:
         def record(*args: Any) -> None:
-            with lock:
+            with ran:
                 seen[kind].append(args)
+                ran.notify_all()
         return record
 
     for kind in seen:
@@ -34,38 +44,38 @@ def test_each_kind_fires_on_schedule() -> None:
     server.register_periodic_chain("@every 1s", "p-chain", Chain(Signature("add", [1, 1]), Signature("rec_chain")))
     server.register_periodic_chord("@every 1s", "p-chord",
                                    Chord(Group(Signature("add", [2]), Signature("add", [3])), Signature("rec_chord")))
+    expected = {"task": 3, "group": 6, "chain": 3, "chord": 3}  # three ticks; a group sends two tasks
     server.start_scheduler()
-    with running_worker(server):
-        deadline = time.monotonic() + 10
-        while (time.monotonic() < deadline and any(len(v) < 4 for k, v in seen.items() if k != "group")) \
-                or len(seen["group"]) < 4:
-            time.sleep(0.05)
-    server.close()
-    assert len(seen["task"]) >= 2 and all(a == ("t",) for a in seen["task"])
-    assert set(seen["group"]) == {("a",), ("b",)}
+    try:
+        clock.advance(3, sleeping=4)  # each schedule's fire has sent its workflow when this returns
+        with running_worker(server), ran:
+            assert ran.wait_for(lambda: {k: len(v) for k, v in seen.items()} == expected, timeout=30), seen
+    finally:
+        server.close()
+    assert {k: len(v) for k, v in seen.items()} == expected
+    assert all(a == ("t",) for a in seen["task"])
+    assert sorted(seen["group"]) == [("a",)] * 3 + [("b",)] * 3
     assert all(a == (2,) for a in seen["chain"])
     assert all(a == (2, 3) for a in seen["chord"])
 
 
 def test_fresh_uuids_each_tick() -> None:
-    server = memory_server()
-    sent: list[str] = []
+    clock = ManualClock()
+    server = clocked_server(clock)
     server.register_task("tick", lambda: None)
     original = Signature("tick", uuid="task_fixed", on_success=[Signature("tick", uuid="task_child")])
     server.register_periodic_task("@every 1s", "p", original)
     server.start_scheduler()
-    broker = server.get_broker()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and len(sent) < 2:
-        sent = [s.uuid for s in broker.get_pending_tasks()]
-        time.sleep(0.05)
-    pending = broker.get_pending_tasks()
-    server.close()
-    assert len(pending) >= 2
+    try:
+        clock.advance(3, sleeping=1)
+        pending = server.get_broker().get_pending_tasks()
+    finally:
+        server.close()
+    assert len(pending) == 3
     assert len({s.uuid for s in pending}) == len(pending)
     assert "task_fixed" not in {s.uuid for s in pending}
     children = [s.on_success[0].uuid for s in pending if s.on_success]
-    assert len(set(children)) == len(children) and "task_child" not in children
+    assert len(children) == 3 and len(set(children)) == 3 and "task_child" not in children
 
 
 def test_bad_spec_rejected_at_registration() -> None:
@@ -80,26 +90,21 @@ def test_bad_spec_rejected_at_registration() -> None:
 def test_registering_alone_sends_nothing_until_the_scheduler_starts() -> None:
     """A process that only registers (a script importing the app) sends no ticks; one that asks
     for the scheduler does, schedules registered after the start included."""
-    server = memory_server()
+    clock = ManualClock()
+    server = clocked_server(clock)
     server.register_periodic_task("@every 1s", "early", Signature("tick", ["early"]))
     broker = server.get_broker()
     try:
-        time.sleep(2.2)  # two ticks pass
-        assert broker.get_pending_tasks() == []
+        clock.jump(2)  # two ticks pass with nobody running the schedules
+        assert clock.sleeping() == 0 and broker.get_pending_tasks() == []
         assert server.periodic_tasks == ["early"]
         server.start_scheduler()
         server.start_scheduler()  # idempotent
         server.register_periodic_task("@every 1s", "late", Signature("tick", ["late"]))
-        deadline = time.monotonic() + 5
-        names: set[str] = set()
-        while time.monotonic() < deadline and names != {"early", "late"}:
-            names = {str(s.args[0].value) for s in broker.get_pending_tasks()}
-            time.sleep(0.05)
-        assert names == {"early", "late"}
+        clock.advance(1, sleeping=2)  # one tick of each
+        assert sorted(str(s.args[0].value) for s in broker.get_pending_tasks()) == ["early", "late"]
         server.stop_scheduler()
-        time.sleep(0.1)
-        count = len(broker.get_pending_tasks())
-        time.sleep(1.5)
-        assert len(broker.get_pending_tasks()) == count
+        clock.jump(3)
+        assert len(broker.get_pending_tasks()) == 2
     finally:
         server.close()

@@ -24,6 +24,7 @@ from machinery.drivers.redis.broker import RedisBroker
 from machinery.tasks.signature import Signature, encode_signature
 from machinery.tasks.state import STARTED, SUCCESS, TaskResult, TaskState
 from redis_servers import shared_cluster
+from test_redis_backend import count_reads
 
 pytestmark = pytest.mark.redis
 
@@ -124,8 +125,8 @@ async def test_chord_trigger_takes_gos_mutex(cluster: tuple[Config, RedisCluster
     cnf, raw = cluster
     backend = RedisBackend(cnf)
     await backend.init_group("group_c", ["a", "b"])
+    started = time.monotonic()  # before the SET: the mutex lives at least 0.5 s from here
     await raw.set("TriggerChordMutex", "go-token", px=500)
-    started = time.monotonic()
     assert await backend.trigger_chord("group_c") is True
     assert time.monotonic() - started >= 0.4
     assert not await raw.exists("TriggerChordMutex")  # ours was released
@@ -135,15 +136,14 @@ async def test_chord_trigger_takes_gos_mutex(cluster: tuple[Config, RedisCluster
     await backend.close()
 
 
-async def test_wait_completed_wakes(cluster: tuple[Config, RedisCluster]) -> None:
+async def test_wait_completed_wakes(cluster: tuple[Config, RedisCluster], monkeypatch: pytest.MonkeyPatch) -> None:
     cnf, _ = cluster
     backend, writer = RedisBackend(cnf), RedisBackend(cnf)
+    reads = count_reads(monkeypatch, backend, hide_completed=True)
     waiter = asyncio.create_task(backend.wait_completed("task_w", 10.0))
-    await asyncio.sleep(0.3)
+    await reads.first()  # subscribed (on one node) and read once: a PUBLISH now reaches it
     await writer.set_state(TaskState("task_w", SUCCESS, results=[TaskResult("int64", 1)]))
-    stored = time.monotonic()
     state = await waiter
-    assert state is not None and state.values() == [1]
-    assert time.monotonic() - stored < 0.2
+    assert state is not None and state.values() == [1]  # its reads cannot see it: the PUBLISH brought it
     for x in (backend, writer):
         await x.close()

@@ -26,8 +26,8 @@ from machinery.errors import BackendError
 from machinery.tasks.signature import encode_signature
 from machinery.tasks.state import RECEIVED, SUCCESS, TaskState
 from machinery.testing import running_worker
-from redis_servers import REDIS_URL, require_redis
-from test_redis_broker import counted
+from redis_servers import redis_url
+from test_redis_broker import counted, until_blocked
 
 pytestmark = pytest.mark.redis
 
@@ -37,16 +37,15 @@ INFLIGHT = "{machinery_tasks}:machinery:inflight"
 
 @pytest.fixture
 async def raw() -> AsyncIterator[aioredis.Redis]:
-    require_redis()
-    client = aioredis.Redis.from_url(REDIS_URL)
-    await client.flushdb()
+    client = aioredis.Redis.from_url(redis_url())
+    await client.flushdb()  # this run's own server: no other run has keys there
     yield client
     await client.aclose()
 
 
 @pytest.fixture
 def cnf(raw: aioredis.Redis) -> Config:
-    return Config(broker=REDIS_URL, result_backend=REDIS_URL)
+    return Config(broker=redis_url(), result_backend=redis_url())
 
 
 @pytest.fixture
@@ -70,9 +69,23 @@ def body(i: int) -> bytes:
     return encode_signature(Signature("add", [i, i], uuid=f"task_{i:04d}", routing_key=QUEUE, headers={}))
 
 
-async def push_later(raw: aioredis.Redis, *bodies: bytes, delay: float = 0.2) -> None:
-    await asyncio.sleep(delay)
+#: a claim delay no test outlasts: whether a landed message is committed or claimed is then the
+#: test's choice, not a race between its steps and the broker's 5 ms timer
+NO_CLAIM = 60.0
+
+
+async def push_when_blocked(raw: aioredis.Redis, *bodies: bytes) -> None:
+    await until_blocked(raw)  # the fetch waits in BLMOVE: the push lands in its landing list
     await raw.rpush(QUEUE, *bodies)
+
+
+async def fetch_landing(broker: RedisBroker, raw: aioredis.Redis, *bodies: bytes) -> list[Delivery]:
+    """Fetch from an empty queue while `bodies` are pushed, so they arrive by BLMOVE."""
+    broker._next_move = float("inf")  # no delayed-set look: the BLMOVE blocks for the whole fetch
+    pusher = asyncio.create_task(push_when_blocked(raw, *bodies))
+    got = await broker.fetch(QUEUE, 10, 5.0)
+    await pusher
+    return got
 
 
 # --- a landed message ------------------------------------------------------------------------
@@ -81,11 +94,10 @@ async def push_later(raw: aioredis.Redis, *bodies: bytes, delay: float = 0.2) ->
 async def test_landed_message_is_handed_out_before_its_claim_and_settles(
     broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
-    pusher = asyncio.create_task(push_later(raw, body(1)))
-    got = await broker.fetch(QUEUE, 10, 5.0)
+    broker.landed_claim_delay = NO_CLAIM
+    got = await fetch_landing(broker, raw, body(1))
     assert [d.body for d in got] == [body(1)]
-    assert got[0].receipt is None  # claim still on its way (nothing has yielded to it yet)
-    await pusher
+    assert got[0].receipt is None  # not claimed: handed out as it landed
     await broker.settle(got)
     assert got[0].receipt is not None and got[0].attempts == 1
     assert await raw.hvals(INFLIGHT) == [body(1)]  # claimed under a lease, landing list drained
@@ -95,9 +107,9 @@ async def test_landed_message_is_handed_out_before_its_claim_and_settles(
 
 
 async def test_ack_right_after_a_landed_fetch_waits_for_the_claim(broker: RedisBroker, raw: aioredis.Redis) -> None:
-    pusher = asyncio.create_task(push_later(raw, body(2)))
-    got = await broker.fetch(QUEUE, 10, 5.0)
-    await pusher
+    broker.landed_claim_delay = NO_CLAIM
+    got = await fetch_landing(broker, raw, body(2))
+    assert got[0].receipt is None
     await broker.ack(got)  # no settle() first: ack does it
     assert await raw.hlen(INFLIGHT) == 0
     assert await broker.fetch(QUEUE, 10, 0.0) == []
@@ -107,9 +119,10 @@ async def test_leftover_in_the_landing_list_is_delivered_once(broker: RedisBroke
     """A fetch cancelled inside BLMOVE can leave a message in the landing list: the next claim
     finds it beside the newly landed one; each is delivered exactly once."""
     landing = f"{{{QUEUE}}}:machinery:landing:{broker.consumer_id}"
+    broker._next_move = float("inf")  # no delayed-set look: the BLMOVE blocks for the whole fetch
 
     async def leftover_then_push() -> None:
-        await asyncio.sleep(0.2)  # the fetch is blocked in BLMOVE by now
+        await until_blocked(raw)
         await raw.rpush(landing, body(4))
         await raw.rpush(QUEUE, body(5))
 
@@ -128,18 +141,16 @@ async def test_leftover_in_the_landing_list_is_delivered_once(broker: RedisBroke
 async def test_settle_gives_a_landed_redelivery_its_attempt_count(broker: RedisBroker, raw: aioredis.Redis) -> None:
     b = body(6)
     await raw.hset(f"{{{QUEUE}}}:machinery:redelivered", hashlib.sha1(b).hexdigest(), 2)
-    pusher = asyncio.create_task(push_later(raw, b))
-    got = await broker.fetch(QUEUE, 10, 5.0)
-    await pusher
+    got = await fetch_landing(broker, raw, b)
     await broker.settle(got)
     assert got[0].redelivered and got[0].attempts == 3
 
 
-async def landed(broker: RedisBroker, raw: aioredis.Redis, i: int) -> Delivery:
-    """A message fetched by a blocked fetch (BLMOVE into the landing list), not claimed yet."""
-    pusher = asyncio.create_task(push_later(raw, body(i)))
-    got = await broker.fetch(QUEUE, 10, 5.0)
-    await pusher
+async def landed(broker: RedisBroker, raw: aioredis.Redis, i: int, claim_delay: float = NO_CLAIM) -> Delivery:
+    """A message fetched by a blocked fetch (BLMOVE into the landing list), not claimed yet; its
+    claim starts by itself after `claim_delay` seconds."""
+    broker.landed_claim_delay = claim_delay
+    got = await fetch_landing(broker, raw, body(i))
     assert [d.body for d in got] == [body(i)] and got[0].receipt is None
     return got[0]
 
@@ -156,7 +167,6 @@ async def test_landed_task_done_quickly_is_committed_from_the_landing_list_witho
     d = await landed(broker, raw, 11)
     consumers = f"{{{QUEUE}}}:machinery:consumers"
     seen = await raw.zscore(consumers, broker.consumer_id)
-    await asyncio.sleep(0.002)
     assert broker.hold(d)  # reserved for the landed commit: no claim starts now
     calls = await counted(backend)
     done = TaskState("task_0011", SUCCESS, task_name="add", created_at=datetime.now(UTC))
@@ -167,7 +177,7 @@ async def test_landed_task_done_quickly_is_committed_from_the_landing_list_witho
     assert await raw.llen(landing_key(broker)) == 0
     renewed = await raw.zscore(consumers, broker.consumer_id)
     assert seen is not None and renewed is not None and renewed > seen  # the consumer's deadline
-    await asyncio.sleep(broker.landed_claim_delay * 4)
+    assert not broker.unclaimed(d)  # settled by the commit: its claim timer is gone, none can start
     assert await raw.hlen(INFLIGHT) == 0 and not await raw.exists(f"{{{QUEUE}}}:machinery:seq")  # never claimed
     # the commit saw the queue empty: the next fetch blocks at once instead of claiming first
     fetch_calls = await counted(broker)
@@ -187,8 +197,7 @@ async def test_a_landed_message_acked_after_its_state_leaves_the_landing_list_wi
     assert await commit([done], [], []) == (None, None, [])  # the state alone: the message stays
     assert await raw.lrange(landing_key(broker), 0, -1) == [body(15)]
     assert await commit([], [d], []) == (None, None, [])
-    assert await raw.llen(landing_key(broker)) == 0 and not broker.unclaimed(d)
-    await asyncio.sleep(broker.landed_claim_delay * 4)
+    assert await raw.llen(landing_key(broker)) == 0 and not broker.unclaimed(d)  # no claim can start now
     assert await raw.hlen(INFLIGHT) == 0 and not await raw.exists(f"{{{QUEUE}}}:machinery:seq")  # never claimed
 
 
@@ -196,9 +205,11 @@ async def test_landed_task_still_running_after_the_delay_is_claimed(
     joint: tuple[RedisBackend, JointCommit], broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
     _, commit = joint
-    d = await landed(broker, raw, 12)
-    await asyncio.sleep(broker.landed_claim_delay * 4)
-    await broker.settle([d])  # the claim started by itself; this waits for it
+    d = await landed(broker, raw, 12, claim_delay=RedisBroker.landed_claim_delay)
+    # nothing starts the claim but its timer: wait until that claim has given it a receipt
+    await asyncio.wait_for(broker._landing.resolved(), 10)
+    assert not broker.unclaimed(d)
+    await broker.settle([d])  # nothing left to wait for
     assert d.receipt is not None and await raw.hvals(INFLIGHT) == [body(12)]
     assert await raw.llen(landing_key(broker)) == 0
     assert broker.hold(d)  # claimed: acked by its receipt
@@ -253,10 +264,13 @@ def test_worker_round_trips_on_an_idle_queue_need_no_claim(cnf: Config, raw: aio
         return x + y
 
     with running_worker(server, concurrency=2):
-        time.sleep(0.3)  # the worker is blocked in BLMOVE by now
+        probe = redis.Redis.from_url(redis_url())
+        deadline = time.monotonic() + 10
+        while not any(c["cmd"] == "blmove" and "b" in c["flags"] for c in probe.client_list()):
+            assert time.monotonic() < deadline, "the worker never blocked in BLMOVE"
+            time.sleep(0.005)
         for i in range(5):
             assert server.send_task(Signature("add", [i, 1])).get(timeout=10) == i + 1
-    probe = redis.Redis.from_url(REDIS_URL)
     assert probe.get(f"{{{QUEUE}}}:machinery:seq") is None  # no message was ever claimed
     assert probe.hlen(INFLIGHT) == 0 and probe.llen(QUEUE) == 0
     probe.close()
@@ -314,7 +328,7 @@ async def test_one_task_sends_at_once_on_one_loop_all_land(cnf: Config, raw: aio
 async def test_a_connection_limit_waits_or_fails_as_configured(raw: aioredis.Redis, wait: bool) -> None:
     """redis.max_active with redis.wait, as Go's MaxActive and Wait: at the limit, sends wait
     for a free connection, or fail with a clear error."""
-    cnf = Config(broker=REDIS_URL, result_backend=REDIS_URL, redis=RedisConfig(max_active=3, wait=wait))
+    cnf = Config(broker=redis_url(), result_backend=redis_url(), redis=RedisConfig(max_active=3, wait=wait))
     server = Server(cnf)
     sigs = [Signature("add", [i, i]) for i in range(100)]
     sends = asyncio.gather(*(server.asend_task(s) for s in sigs))
@@ -328,7 +342,7 @@ async def test_a_connection_limit_waits_or_fails_as_configured(raw: aioredis.Red
 
 
 async def test_no_joint_send_across_servers(cnf: Config, raw: aioredis.Redis) -> None:
-    other = Config(broker=REDIS_URL, result_backend=REDIS_URL.rsplit("/", 1)[0] + "/14")
+    other = Config(broker=redis_url(), result_backend=redis_url(14))
     backend = RedisBackend(other)
     assert backend.joint_send(RedisBroker(other)) is None
     assert RedisBackend(cnf).joint_send(RedisBroker(cnf)) is not None
@@ -447,7 +461,7 @@ def test_a_chain_link_sends_the_next_with_its_state(cnf: Config, raw: aioredis.R
         assert result.get(timeout=20) == 20
         states = [r.get_state() for r in result.async_results]
     assert [s.state for s in states] == [SUCCESS] * 20  # type: ignore[union-attr]
-    probe = redis.Redis.from_url(REDIS_URL)
+    probe = redis.Redis.from_url(redis_url())
     assert probe.hlen(INFLIGHT) == 0 and probe.llen(QUEUE) == 0
     probe.close()
     server.close()
@@ -461,7 +475,7 @@ def test_worker_runs_at_most_concurrency_and_holds_at_most_twice_that(cnf: Confi
     running = {"now": 0, "max": 0}
     held: list[int] = []
     claimed: list[int] = []
-    probe = redis.Redis.from_url(REDIS_URL)
+    probe = redis.Redis.from_url(redis_url())
     workers: list[Any] = []
 
     @server.task
@@ -473,7 +487,6 @@ def test_worker_runs_at_most_concurrency_and_holds_at_most_twice_that(cnf: Confi
         await asyncio.sleep(0.1)
         running["now"] -= 1
 
-    started = time.monotonic()
     with running_worker(server, concurrency=3) as worker:
         workers.append(worker)
         results = server.send_tasks([Signature("slow") for _ in range(24)])
@@ -483,7 +496,6 @@ def test_worker_runs_at_most_concurrency_and_holds_at_most_twice_that(cnf: Confi
     assert 3 < max(held) <= 6  # it does prefetch, within the bound
     # what Redis sees claimed may also include finished messages whose ack is on its way
     assert max(claimed) <= 6 + 3
-    assert time.monotonic() - started < 10
     server.close()
     probe.close()
 

@@ -1,12 +1,11 @@
-"""RedisLock: the shared Lock contract suite on Redis (db 11), plus Go compatibility and URL handling.
+"""RedisLock: the shared Lock contract suite on Redis (db 11 of this run's own server), plus Go
+compatibility and URL handling.
 
-With CI=true an unreachable Redis fails instead of skipping.
+With CI=true a Redis that cannot be started or reached fails instead of skipping.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -28,30 +27,24 @@ from machinery.config import Config
 from machinery.drivers.lock import Lock
 from machinery.drivers.registry import make_lock
 from machinery.errors import BackendError, ConfigError
+from redis_servers import redis_url
 
 DB = 11
-URL = f"redis://127.0.0.1:6379/{DB}"
 
 pytestmark = pytest.mark.redis
 
 
 @pytest.fixture(autouse=True)
-def _redis_up() -> None:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=2):
-            return
-    except OSError as exc:
-        message = f"Redis is not reachable on 127.0.0.1:6379: {exc}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{message} (CI=true: an unreachable server is a failure, not a skip)")
-    pytest.skip(message)
+def url() -> str:
+    """Database DB of this run's Redis (started on first use; none: skip, or fail with CI=true)."""
+    return redis_url(DB)
 
 
 @asynccontextmanager
 async def _redis_lock(env: DriverEnv) -> AsyncIterator[Lock]:
     from machinery.drivers.redis.lock import RedisLock
 
-    lock = RedisLock(env.cnf, URL)
+    lock = RedisLock(env.cnf, redis_url(DB))
     try:
         yield lock
     finally:
@@ -71,10 +64,10 @@ async def lock(lock_driver: Driver[Lock]) -> Lock:
 
 
 @pytest.fixture
-def raw() -> Iterator[object]:
+def raw(url: str) -> Iterator[object]:
     import redis
 
-    client = redis.Redis(host="127.0.0.1", port=6379, db=DB)
+    client = redis.Redis.from_url(url)
     yield client
     client.close()
 
@@ -116,13 +109,13 @@ async def test_stale_key_without_ttl_is_taken(lock: Lock, raw: object) -> None:
     raw.delete(k)
 
 
-async def test_db_is_honoured(lock: Lock) -> None:
+async def test_db_is_honoured(lock: Lock, url: str) -> None:
     import redis
 
     k = _key()
     assert await lock.acquire(k, time.time_ns() + 5_000_000_000)
-    in_db = redis.Redis(host="127.0.0.1", port=6379, db=DB)
-    in_zero = redis.Redis(host="127.0.0.1", port=6379, db=0)
+    in_db = redis.Redis.from_url(url)
+    in_zero = redis.Redis.from_url(redis_url(0))
     try:
         assert in_db.exists(k) == 1
         assert in_zero.exists(k) == 0
@@ -132,10 +125,10 @@ async def test_db_is_honoured(lock: Lock) -> None:
         in_zero.close()
 
 
-async def test_username_is_sent() -> None:
+async def test_username_is_sent(url: str) -> None:
     from machinery.drivers.redis.lock import RedisLock
 
-    lock = RedisLock(_cnf(), f"redis://nobody-{uuid.uuid4().hex[:6]}:secret@127.0.0.1:6379/{DB}")
+    lock = RedisLock(_cnf(), url.replace("redis://", f"redis://nobody-{uuid.uuid4().hex[:6]}:secret@"))
     try:
         with pytest.raises(BackendError, match="redis lock"):
             await lock.acquire(_key(), time.time_ns() + 1_000_000_000)
@@ -164,8 +157,8 @@ async def test_rediss_uses_tls() -> None:
     await lock.close()
 
 
-def test_make_lock_picks_redis() -> None:
+def test_make_lock_picks_redis(url: str) -> None:
     from machinery.drivers.redis.lock import RedisLock
 
-    assert isinstance(make_lock(_cnf(lock=URL)), RedisLock)
-    assert isinstance(make_lock(_cnf(result_backend=URL)), RedisLock)  # the backend's store
+    assert isinstance(make_lock(_cnf(lock=url)), RedisLock)
+    assert isinstance(make_lock(_cnf(result_backend=url)), RedisLock)  # the backend's store

@@ -14,7 +14,7 @@ import redis
 
 from machinery import Config
 from machinery.config import RedisConfig
-from redis_servers import REDIS_URL, require_redis, shared_cluster
+from redis_servers import redis_url, shared_cluster
 from scenarios import ScenarioSuite
 
 pytestmark = pytest.mark.redis
@@ -28,13 +28,13 @@ def _config(url: str) -> Config:
 
 class TestRedisRedisScenarios(ScenarioSuite):
     def make_config(self, tmp_path: Path) -> Config:
-        require_redis()
-        client = redis.Redis.from_url(REDIS_URL)
+        url = redis_url()
+        client = redis.Redis.from_url(url)
         try:
             client.delete("machinery:dead_letters")
         finally:
             client.close()
-        return _config(REDIS_URL)
+        return _config(url)
 
 
 class TestRedisClusterScenarios(ScenarioSuite):

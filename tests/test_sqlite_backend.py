@@ -16,6 +16,7 @@ from machinery.drivers.sqlite.backend import SQLiteBackend
 from machinery.drivers.sqlite.lock import SQLiteLock
 from machinery.errors import BackendError
 from machinery.tasks.state import FAILURE, PENDING, STARTED, SUCCESS, TaskResult, TaskState, encode_state
+from timing import Calls, RecordingAsyncio
 
 
 def backend_at(db: Path, results_expire_in: int = 3600, **sqlite: Any) -> SQLiteBackend:
@@ -146,26 +147,34 @@ async def test_group_member_done_on_unknown_group_starts_a_record(tmp_path: Path
     await backend.close()
 
 
-async def test_same_object_write_wakes_wait_completed_before_the_poll_interval(tmp_path: Path) -> None:
-    backend = backend_at(tmp_path / "w.db", poll_interval_ms=3000)
+async def test_same_object_write_wakes_wait_completed_before_the_poll_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = backend_at(tmp_path / "w.db", poll_interval_ms=600_000)  # no re-read during the wait
+    reads = Calls(monkeypatch, backend, "get_state")
     waiter = asyncio.create_task(backend.wait_completed("slow", 10.0))
-    await asyncio.sleep(1.2)  # backed off into a ~1 s sleep: only a wake-up is faster than that
-    start = time.monotonic()
+    await reads.reach(1)  # nothing stored yet: the wait now sleeps, and no re-read is due for ten minutes
     await backend.set_state(done("slow"))
-    assert await waiter == done("slow")
-    assert time.monotonic() - start < 0.3
+    assert await waiter == done("slow")  # a wait nothing woke would return None after its 10 s
+    assert reads.count == 2  # one more read, started by the write's wake-up
     await backend.close()
 
 
-async def test_another_clients_write_is_seen_within_the_poll_interval(tmp_path: Path) -> None:
+async def test_another_clients_write_is_seen_within_the_poll_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from machinery.drivers import backend as base_backend
+
     db = tmp_path / "o.db"
     reader, writer = backend_at(db, poll_interval_ms=50), backend_at(db)
+    waits = RecordingAsyncio()
+    monkeypatch.setattr(base_backend, "asyncio", waits)
+    reads = Calls(monkeypatch, reader, "get_state")
     waiter = asyncio.create_task(reader.wait_completed("x", 10.0))
-    await asyncio.sleep(2.5)  # uncapped, the back-off would now be in a 2 s sleep
-    start = time.monotonic()
+    await reads.reach(15)  # uncapped, a back-off would be sleeping seconds by now
     await writer.set_state(done("x"))
     assert await waiter == done("x")
-    assert time.monotonic() - start < 0.8
+    assert waits.timeouts and all(t is not None and t <= 0.05 for t in waits.timeouts)  # re-reads stay 50 ms apart
     await reader.close()
     await writer.close()
 

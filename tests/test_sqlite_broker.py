@@ -16,6 +16,7 @@ from machinery.drivers.registry import make_backend, make_broker, make_lock
 from machinery.drivers.sqlite.broker import SQLiteBroker
 from machinery.errors import BrokerError, ConfigError
 from machinery.tasks.signature import Signature
+from timing import Calls, RecordingAsyncio
 
 SIG = Signature("t")
 
@@ -175,32 +176,36 @@ async def test_publish_many_and_ack_are_one_transaction_each(tmp_path: Path) -> 
     await broker.close()
 
 
-async def test_same_process_publish_wakes_fetch_before_the_poll_interval(tmp_path: Path) -> None:
-    broker = broker_at(tmp_path / "wake.db", poll_interval_ms=3000)
+async def test_same_process_publish_wakes_fetch_before_the_poll_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = broker_at(tmp_path / "wake.db", poll_interval_ms=600_000)  # no poll during the fetch
     await broker.pending("q")
+    claims = Calls(monkeypatch, broker, "_claim")
     fetch = asyncio.create_task(broker.fetch(broker.cnf.default_queue, 10, 10.0))
-    # Backing off 2, 4, ... 512 ms, then a 1024 ms sleep from ~1.02 s: a poll alone would not see
-    # this publish before ~2.05 s.
-    await asyncio.sleep(1.2)
-    start = time.monotonic()
+    await claims.reach(1)  # found nothing: the fetch now waits, and no poll is due for ten minutes
     await broker.publish(SIG, b"now", None)
-    got = await fetch
+    got = await fetch  # a fetch nothing woke would return [] after its 10 s
     assert [d.body for d in got] == [b"now"]
-    assert time.monotonic() - start < 0.3
-    await broker.close()
+    assert claims.count == 2  # one more claim, started by the publish's wake-up
 
 
-async def test_other_process_publish_is_seen_within_the_poll_interval(tmp_path: Path) -> None:
+async def test_other_process_publish_is_seen_within_the_poll_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from machinery.drivers.sqlite import broker as sqlite_broker
+
     db = tmp_path / "poll.db"
     consumer, producer = broker_at(db, poll_interval_ms=50), broker_at(db)
     await consumer.pending("q")
+    waits = RecordingAsyncio()
+    monkeypatch.setattr(sqlite_broker, "asyncio", waits)
+    claims = Calls(monkeypatch, consumer, "_claim")
     fetch = asyncio.create_task(consumer.fetch(consumer.cnf.default_queue, 10, 10.0))
-    # Uncapped, the back-off would be in a 2 s sleep from ~2.05 s: the cap keeps polls 50 ms apart.
-    await asyncio.sleep(2.5)
-    start = time.monotonic()
+    await claims.reach(15)  # uncapped, a back-off from 2 ms would be sleeping 16 s by now
     await producer.publish(SIG, b"polled", None)
     assert [d.body for d in await fetch] == [b"polled"]
-    assert time.monotonic() - start < 0.8
+    assert waits.timeouts and all(t is not None and t <= 0.05 for t in waits.timeouts)  # polls stay 50 ms apart
     await consumer.close()
     await producer.close()
 

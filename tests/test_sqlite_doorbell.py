@@ -31,6 +31,7 @@ from machinery.loops import run
 from machinery.server import Server
 from machinery.tasks.signature import Signature
 from machinery.tasks.state import SUCCESS, TaskState
+from timing import Calls, RecordingAsyncio
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL_MS = 1000
@@ -202,43 +203,50 @@ def test_fork_gives_the_child_its_own_socket_and_spares_the_parents(short_tmp: P
 # --- several driver objects in one process ------------------------------------------------
 
 
-async def publish_wakes_another_objects_fetch(db: Path) -> None:
-    consumer, producer = broker_at(db, 5000), broker_at(db, 5000)
+NO_POLL_MS = 600_000  # no poll within a test: a fetch or wait that ends early was woken by a ring
+
+
+async def publish_wakes_another_objects_fetch(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    consumer, producer = broker_at(db, NO_POLL_MS), broker_at(db, NO_POLL_MS)
     try:
         await consumer.pending("q")
+        claims = Calls(monkeypatch, consumer, "_claim")
         fetch = asyncio.create_task(consumer.fetch(consumer.cnf.default_queue, 10, 10.0))
-        await asyncio.sleep(0.3)
-        start = time.monotonic()
+        await claims.reach(1)  # found nothing: it waits now, its socket bound
         await producer.publish(SIG, b"rung", None)
-        assert [d.body for d in await fetch] == [b"rung"]
-        assert time.monotonic() - start < 0.5
+        assert [d.body for d in await fetch] == [b"rung"]  # unwoken, it would return [] after 10 s
+        assert claims.count == 2
     finally:
         await consumer.close()
         await producer.close()
 
 
-async def result_wakes_another_objects_wait(db: Path) -> None:
-    reader, writer = backend_at(db, 5000), backend_at(db, 5000)
+async def result_wakes_another_objects_wait(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reader, writer = backend_at(db, NO_POLL_MS), backend_at(db, NO_POLL_MS)
     try:
-        waiting = asyncio.create_task(reader.wait_completed("task_1", 10.0))
-        await asyncio.sleep(0.3)
-        start = time.monotonic()
-        await writer.set_state(TaskState("task_1", SUCCESS, task_name="t"))
-        state = await waiting
+        reads = Calls(monkeypatch, reader, "get_state")
+        task = f"task_{os.urandom(4).hex()}"  # each run on the same database waits for a new task
+        waiting = asyncio.create_task(reader.wait_completed(task, 10.0))
+        await reads.reach(1)
+        await writer.set_state(TaskState(task, SUCCESS, task_name="t"))
+        state = await waiting  # unwoken, it would return None after 10 s
         assert state is not None and state.state == SUCCESS
-        assert time.monotonic() - start < 0.5
+        assert reads.count == 2
     finally:
         await reader.close()
         await writer.close()
 
 
-def test_rings_wake_other_driver_objects_in_one_process_on_both_loops(short_tmp: Path) -> None:
+def test_rings_wake_other_driver_objects_in_one_process_on_both_loops(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     db = short_tmp / "objects.sqlite3"
 
     def both() -> Coroutine[Any, Any, None]:
         async def go() -> None:
-            await publish_wakes_another_objects_fetch(db)
-            await result_wakes_another_objects_wait(db)
+            with monkeypatch.context() as patch:
+                await publish_wakes_another_objects_fetch(db, patch)
+                await result_wakes_another_objects_wait(db, patch)
         return go()
 
     on_both_loops(both)
@@ -246,7 +254,9 @@ def test_rings_wake_other_driver_objects_in_one_process_on_both_loops(short_tmp:
     assert not Path(f"{db}.bells").exists(), "close() removes the sockets, then the empty directories"
 
 
-def test_a_path_too_long_for_a_socket_uses_a_short_directory_in_tmp(tmp_path: Path) -> None:
+def test_a_path_too_long_for_a_socket_uses_a_short_directory_in_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
     db = deep / "long.sqlite3"
@@ -256,14 +266,16 @@ def test_a_path_too_long_for_a_socket_uses_a_short_directory_in_tmp(tmp_path: Pa
     try:
         assert len(os.fsencode(found[0])) < 90
         assert bells_dir(str(db), "broker") == found, "every process must pick the same directory"
-        run(publish_wakes_another_objects_fetch(db))
+        run(publish_wakes_another_objects_fetch(db, monkeypatch))
         assert not Path(f"{db}.bells").exists()
         assert not short.exists(), "the last socket's close removes the directories in tmp"
     finally:
         shutil.rmtree(short, ignore_errors=True)
 
 
-def test_without_a_usable_directory_waiters_poll(short_tmp: Path) -> None:
+def test_without_a_usable_directory_waiters_poll(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from machinery.drivers.sqlite import broker as sqlite_broker
+
     db = short_tmp / "nobell.sqlite3"
     Path(f"{db}.bells").write_text("not a directory")
 
@@ -272,14 +284,17 @@ def test_without_a_usable_directory_waiters_poll(short_tmp: Path) -> None:
         with bell.listening() as live:
             assert not live
         consumer, producer = broker_at(db, 50), broker_at(db, 50)
+        waits = RecordingAsyncio()
+        monkeypatch.setattr(sqlite_broker, "asyncio", waits)
+        claims = Calls(monkeypatch, consumer, "_claim")
         try:
             await consumer.pending("q")
             fetch = asyncio.create_task(consumer.fetch(consumer.cnf.default_queue, 10, 10.0))
-            await asyncio.sleep(0.5)
-            start = time.monotonic()
+            await claims.reach(10)  # polls from 2 ms, doubling up to the 50 ms cap
             await producer.publish(SIG, b"polled", None)
             assert [d.body for d in await fetch] == [b"polled"]
-            assert time.monotonic() - start < 0.8
+            assert claims.count > 10  # a later poll found it: no ring reached this fetch
+            assert waits.timeouts and all(t is not None and t <= 0.05 for t in waits.timeouts)
         finally:
             await consumer.close()
             await producer.close()

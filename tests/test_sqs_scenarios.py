@@ -10,7 +10,7 @@ import pytest
 
 import sqs_support
 from machinery import Config
-from redis_servers import REDIS_URL, require_redis
+from redis_servers import redis_url
 from scenarios import ScenarioSuite
 
 
@@ -27,6 +27,5 @@ class TestSQSRedisScenarios(ScenarioSuite):
         asyncio.run(sqs_support.delete_queues(self.cnf.default_queue))
 
     def make_config(self, tmp_path: Path) -> Config:
-        require_redis()
-        self.cnf.result_backend = REDIS_URL
+        self.cnf.result_backend = redis_url()
         return self.cnf

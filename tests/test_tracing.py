@@ -16,7 +16,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from machinery import Chain, Config, Server, Signature
 from machinery.testing import running_worker
-from redis_servers import REDIS_URL, require_redis
+from redis_servers import redis_url
 
 
 @pytest.fixture
@@ -165,12 +165,12 @@ def test_without_a_recording_provider_the_headers_stay_empty() -> None:
 
 @pytest.mark.redis
 def test_the_context_crosses_redis(provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
-    require_redis()
     import redis
 
-    raw = redis.Redis.from_url(REDIS_URL)
-    raw.flushdb()
-    server = make_server(provider, REDIS_URL)
+    url = redis_url()
+    raw = redis.Redis.from_url(url)
+    raw.flushdb()  # this run's own server: no other run has keys there
+    server = make_server(provider, url)
     try:
         res = server.send_task(Signature("add", args=[2, 2]))
         message = json.loads(raw.lrange("machinery_tasks", 0, -1)[0])

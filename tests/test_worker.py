@@ -31,7 +31,7 @@ def test_get_timeout_holds_without_worker() -> None:
     with pytest.raises(MachineryTimeout) as info:
         res.get(timeout=0.3)
     assert isinstance(info.value, TimeoutError)
-    assert 0.25 <= time.monotonic() - started < 1.5
+    assert 0.25 <= time.monotonic() - started < 5.0  # not (much) before its timeout, and not stuck after it
     server.close()
 
 
@@ -41,7 +41,7 @@ async def test_aget_timeout_holds() -> None:
     started = time.monotonic()
     with pytest.raises(TimeoutError):
         await res.aget(timeout=0.2)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5.0  # bounded by its timeout
 
 
 def test_handlers_called() -> None:

@@ -341,8 +341,8 @@ def test_a_chain_waits_on_its_last_step_and_reports_an_earlier_failure_promptly(
         server.portal.run(backend.set_state(TaskState(steps[2].task_uuid, FAILURE, error="link 2 broke")))
         started = time.monotonic()
         with pytest.raises(TaskError, match="link 2 broke"):
-            result.get(timeout=10)  # the last step never runs: the failure is found between waits
-        assert time.monotonic() - started < 1.0
+            result.get(timeout=60)  # the last step never runs: the failure is found between waits
+        assert time.monotonic() - started < 20  # found by a re-check, long before the timeout
     finally:
         server.close()
 
@@ -357,7 +357,7 @@ def test_a_chain_wait_times_out_naming_the_chain() -> None:
         started = time.monotonic()
         with pytest.raises(TimeoutError, match="chain's last step"):
             result.get(timeout=0.3)
-        assert 0.3 <= time.monotonic() - started < 1.0
+        assert 0.3 <= time.monotonic() - started < 5.0  # not before its timeout, and not stuck after it
     finally:
         server.close()
 

@@ -34,6 +34,9 @@ A process that dies after winning a tick may lose that tick; the next tick is fi
 
 **Slow fires.** `fire()` is awaited in the schedule's own loop, so a fire that outlasts the period makes
 this process skip ticks (others, if any, take them) instead of piling up concurrent sends.
+
+**Clock.** Every reading of the time and every wait goes through `clock` (a `machinery.clock.Clock`;
+the real clock by default), so tests can move time by hand and fire ticks without real waiting.
 """
 
 from __future__ import annotations
@@ -41,13 +44,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from machinery import cron
+from machinery.clock import SYSTEM_CLOCK, Clock
 from machinery.errors import ConfigError, UsageError
 from machinery.log import get_logger
 
@@ -79,10 +82,11 @@ class PeriodicScheduler:
     """
 
     def __init__(self, lock: Lock, program: str | None = None, *, go_compatible: bool = True,
-                 max_clock_skew: float = 60.0) -> None:
+                 max_clock_skew: float = 60.0, clock: Clock = SYSTEM_CLOCK) -> None:
         if max_clock_skew < 0:
             raise ConfigError(f"max_clock_skew must be >= 0, got {max_clock_skew}")
         self.lock = lock
+        self.clock = clock
         self.program = "" if program is None else program
         self.go_compatible = go_compatible
         self.max_clock_skew = max_clock_skew
@@ -104,7 +108,7 @@ class PeriodicScheduler:
         if not name:
             raise cron.CronError(f"cron spec {spec!r}: a periodic task needs a non-empty name")
         schedule = cron.parse(spec)
-        schedule.tick_after_ns(time.time_ns())  # raises CronError for a spec that never fires
+        schedule.tick_after_ns(self.clock.now_ns())  # raises CronError for a spec that never fires
         entry = _Entry(name, spec, schedule, fire, self.lock_key(name, spec))
         with self._mutex:
             self._entries[name] = entry
@@ -231,16 +235,16 @@ class PeriodicScheduler:
             except Exception:  # a bug, not a fire or lock error (those are handled per tick)
                 get_logger().exception("periodic task %s (%s): scheduler loop failed; restarting",
                                        entry.name, entry.spec)
-                await asyncio.sleep(1.0)
+                await self.clock.sleep(1.0)
 
     async def _tick_loop(self, entry: _Entry) -> None:
         log = get_logger()
         held: deque[tuple[int, str]] = deque()  # tick keys this process won: (expiry ns, key)
-        tick = entry.schedule.tick_after_ns(time.time_ns())
+        tick = entry.schedule.tick_after_ns(self.clock.now_ns())
         while True:
-            await _sleep_until(tick)
+            await self._sleep_until(tick)
             following = entry.schedule.tick_after_ns(tick)
-            now = time.time_ns()
+            now = self.clock.now_ns()
             if now >= following:
                 log.warning("periodic task %s (%s): missed ticks while blocked or suspended; "
                             "skipping to the next one", entry.name, entry.spec)
@@ -274,7 +278,7 @@ class PeriodicScheduler:
 
     async def _release_expired(self, held: deque[tuple[int, str]]) -> None:
         """Delete our expired tick keys: locks without a TTL of their own (SQLite, memory) would keep them."""
-        now = time.time_ns()
+        now = self.clock.now_ns()
         while held and held[0][0] < now:
             _, key = held.popleft()
             try:
@@ -282,11 +286,10 @@ class PeriodicScheduler:
             except Exception as exc:  # harmless: the key has expired anyway
                 get_logger().debug("periodic: releasing expired lock key %s failed: %s", key, exc)
 
-
-async def _sleep_until(when_ns: int) -> None:
-    """Sleep until the wall clock reaches `when_ns`, in steps, so clock changes are followed."""
-    while True:
-        remaining = (when_ns - time.time_ns()) / _NS
-        if remaining <= 0:
-            return
-        await asyncio.sleep(min(remaining, _MAX_SLEEP))
+    async def _sleep_until(self, when_ns: int) -> None:
+        """Sleep until the clock reaches `when_ns`, in steps, so clock changes are followed."""
+        while True:
+            remaining = (when_ns - self.clock.now_ns()) / _NS
+            if remaining <= 0:
+                return
+            await self.clock.sleep(min(remaining, _MAX_SLEEP))

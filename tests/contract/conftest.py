@@ -5,11 +5,11 @@ one entry to BROKER_DRIVERS / BACKEND_DRIVERS / LOCK_DRIVERS, e.g.
 
     @asynccontextmanager
     async def _redis_broker(env: DriverEnv) -> AsyncIterator[Broker]:
-        await require_tcp("127.0.0.1", 6379, "Redis")        # unreachable: skip locally, FAIL when CI=true
+        url = await asyncio.to_thread(redis_url, 14)          # this run's server; none: skip, FAIL on CI
         from machinery.drivers.redis.broker import RedisBroker
         cnf = env.cnf                                         # isolate keys with env.namespace
         cnf.redis.delayed_tasks_key = f"delayed_tasks_{env.namespace}"
-        broker = RedisBroker(cnf, "redis://127.0.0.1:6379")
+        broker = RedisBroker(cnf, url)
         try:
             yield broker
         finally:
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from machinery.drivers.lock import Lock
 from machinery.drivers.memory.backend import MemoryBackend
 from machinery.drivers.memory.broker import MemoryBroker
 from machinery.drivers.memory.lock import MemoryLock
+from naming import unique
 
 T = TypeVar("T")
 
@@ -204,9 +204,9 @@ async def _sqlite_lock(env: DriverEnv) -> AsyncIterator[Lock]:
         await lock.close()
 
 
-# --- redis (shared server on db 14, and a private 3-master cluster) ---------------------------
+# --- redis (db 14 of this run's own server, and a private 3-master cluster) -------------------
 
-REDIS_CONTRACT_URL = os.environ.get("MACHINERY_TEST_REDIS_CONTRACT_URL", "redis://127.0.0.1:6379/14")
+REDIS_CONTRACT_DB = 14
 
 
 async def _redis_url(env: DriverEnv, cluster: bool) -> str:
@@ -217,8 +217,9 @@ async def _redis_url(env: DriverEnv, cluster: bool) -> str:
             return (await asyncio.to_thread(shared_cluster)).url
         except (OSError, RuntimeError) as exc:
             raise DriverUnavailable(f"cannot start a private Redis Cluster: {exc}") from None
-    await require_tcp("127.0.0.1", 6379, "Redis")
-    return REDIS_CONTRACT_URL
+    from redis_servers import redis_url
+
+    return await asyncio.to_thread(redis_url, REDIS_CONTRACT_DB)
 
 
 async def _redis_cleanup(env: DriverEnv, url: str) -> None:
@@ -432,7 +433,7 @@ class Driver(Generic[T]):
         self.name = name
         self._spec = spec
         self.caps = spec.caps
-        namespace = f"ct_{uuid.uuid4().hex[:12]}"
+        namespace = unique("ct_")  # this session's prefix: the end-of-session sweep finds leftovers
         self.env = DriverEnv(
             cnf=Config(broker="memory", result_backend="memory", default_queue=f"{namespace}_default"),
             tmp_path=tmp_path,

@@ -231,8 +231,10 @@ async def test_requeue_with_delay(broker: Broker) -> None:
     delay = 0.8
     requeued_at = time.monotonic()
     await broker.requeue(first, delay=delay)
-    assert await broker.fetch(default_queue(broker), 10, 0.3) == []
-    again = await broker.fetch(default_queue(broker), 10, 5.0)
+    early = await broker.fetch(default_queue(broker), 10, 0.3)
+    if early:  # only a test runner stalled past the delay gets here
+        assert time.monotonic() - requeued_at >= delay - 0.05, "redelivered before its delay"
+    again = early or await broker.fetch(default_queue(broker), 10, 5.0)
     assert bodies(again) == [body]
     assert time.monotonic() - requeued_at >= delay - 0.05
     assert again[0].redelivered is True
@@ -261,8 +263,8 @@ async def test_eta_in_future_is_held_until_due(broker_driver: Driver[Broker], br
     body = await publish(broker, 1, eta_ns=eta_ns)
     assert await broker.delayed() == listed(broker_driver, [body])
     assert await broker.pending(default_queue(broker)) == []
-    assert await broker.fetch(default_queue(broker), 10, 0.3) == []
-    got = await broker.fetch(default_queue(broker), 10, 5.0)
+    early = await broker.fetch(default_queue(broker), 10, 0.3)  # empty, unless the runner stalled past the ETA
+    got = early or await broker.fetch(default_queue(broker), 10, 5.0)
     assert bodies(got) == [body]
     assert time.time_ns() >= eta_ns - 2_000_000, "fetched before its ETA"
     assert await broker.delayed() == []
