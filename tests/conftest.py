@@ -1,10 +1,31 @@
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from naming import SESSION_PREFIX  # every RabbitMQ queue and exchange this session creates starts with it
+
+#: the fault suite's count lines of this session, shown in the terminal summary
+FAULT_COUNTS = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def fault_report(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Add a line to the session's fault-suite counts (shown at the end of the run, without -s)."""
+    return request.config.stash.setdefault(FAULT_COUNTS, []).append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    lines = config.stash.get(FAULT_COUNTS, [])
+    if lines:
+        terminalreporter.section("fault suite")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def pytest_sessionfinish(session: object, exitstatus: int) -> None:

@@ -1,4 +1,5 @@
-"""Fault tests on private Redis servers: a restart under a consuming loop, a SIGKILLed worker.
+"""Fault tests on private Redis servers: a restart under a consuming loop, a SIGKILLed worker, a
+claim whose reply was lost.
 
 Each test starts its own redis-server (AOF with fsync always, so a SIGKILL loses no write) on a
 free port, so killing it disturbs nothing else.
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from machinery import AsyncResult, Config, Server, Signature
+from machinery.drivers.redis import scripts as lua
 from machinery.drivers.redis.broker import RedisBroker
 from machinery.tasks.signature import encode_signature
 from redis_servers import PrivateRedis
@@ -173,3 +175,103 @@ def test_worker_carries_on_after_a_redis_restart(tmp_path: Path) -> None:
         assert values == [i * 2 for i in range(300)]
     finally:
         rig.close()
+
+
+class ReplyCutter:
+    """A TCP proxy in front of Redis. Once armed with a marker, it passes the next request that
+    carries it on to Redis, then drops the connection instead of passing the reply back: a command
+    that ran but whose reply was lost, as when Redis dies between running a script and answering
+    (with appendfsync always, a script's writes reach the AOF before its reply leaves)."""
+
+    def __init__(self, target_port: int, down_after_cut: float = 0.0) -> None:
+        self.target_port = target_port
+        self.marker: bytes | None = None
+        self.cut = 0
+        #: seconds after the cut during which new connections are dropped at once (Redis "down")
+        self.down_after_cut = down_after_cut
+        self._down_until = 0.0
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None] | None] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if time.monotonic() < self._down_until:
+            writer.close()
+            return
+        self._handlers.add(asyncio.current_task())
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._open.update((writer, up_writer))
+        cutting = asyncio.Event()
+
+        async def to_redis() -> None:
+            while data := await reader.read(65536):
+                if self.marker is not None and self.marker in data:
+                    self.marker = None
+                    cutting.set()  # before the request goes: its reply is the one swallowed
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def to_client() -> None:
+            while data := await up_reader.read(65536):
+                if cutting.is_set():
+                    self.cut += 1
+                    self._down_until = time.monotonic() + self.down_after_cut
+                    break
+                writer.write(data)
+                await writer.drain()
+
+        legs = [asyncio.ensure_future(to_redis()), asyncio.ensure_future(to_client())]
+        try:  # either side closing (or the cut) ends both
+            await asyncio.wait(legs, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for leg in legs:
+                leg.cancel()
+            await asyncio.gather(*legs, return_exceptions=True)
+            writer.close()
+            up_writer.close()
+
+    async def close(self) -> None:
+        """Stop listening and close every connection; the handlers end on their own."""
+        if self._server is not None:
+            self._server.close()
+        for w in self._open:
+            w.close()
+        await asyncio.gather(*(h for h in self._handlers if h is not None), return_exceptions=True)
+
+
+@pytest.mark.parametrize("down", [0.0, 3.0], ids=["retried-by-the-client", "retried-by-the-next-claim"])
+async def test_a_claim_whose_reply_was_lost_is_handed_out_again(tmp_path: Path, down: float) -> None:
+    """The claim ran on Redis (its messages are in the in-flight hash) but its reply never came:
+    the broker asks again, and gets those very messages, instead of leaving them claimed by nobody
+    until their lease runs out (30 s by default) and claiming nothing. Asked again by redis-py's
+    own retries (same command), or, when Redis stays away longer than those (3 s here), by the
+    fetch's next claim."""
+    import redis.asyncio as aioredis
+
+    server = PrivateRedis(tmp_path / "redis").start()
+    cutter = ReplyCutter(server.port, down_after_cut=down)
+    url = f"redis://127.0.0.1:{await cutter.start()}/0"
+    broker = RedisBroker(Config(broker=url, result_backend=url))
+    direct = aioredis.Redis(port=server.port)
+    route = Signature("add", routing_key="machinery_tasks")
+    bodies = [encode_signature(Signature("add", [i], uuid=f"task_{i}")) for i in range(3)]
+    try:
+        await direct.script_load(lua.CLAIM.src)  # so that the first EVALSHA runs the claim
+        await broker.publish_many([(route, b, None) for b in bodies])
+        cutter.marker = lua.CLAIM.sha.encode()
+        got = await broker.fetch("machinery_tasks", 10, down + 1.0)
+        assert cutter.cut == 1, "the claim's reply should have been cut"
+        assert sorted(d.body for d in got) == sorted(bodies)
+        assert await direct.hlen("{machinery_tasks}:machinery:inflight") == 3  # claimed once each
+        await broker.ack(got)
+        assert await direct.hlen("{machinery_tasks}:machinery:inflight") == 0
+    finally:
+        await broker.close()
+        await direct.aclose()
+        await cutter.close()
+        server.kill()

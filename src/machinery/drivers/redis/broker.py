@@ -75,7 +75,8 @@ class _Keys:
         self.consumers = tagged(queue, ":machinery:consumers")
         self.redelivered = tagged(queue, ":machinery:redelivered")
         seq = tagged(queue, ":machinery:seq")
-        self.claim = [queue, self.landing, self.consumers, self.inflight, self.leases, self.redelivered, seq]
+        claimed = tagged(queue, ":machinery:claimed:") + consumer
+        self.claim = [queue, self.landing, self.consumers, self.inflight, self.leases, self.redelivered, seq, claimed]
 
 
 class _DeadLetter(msgspec.Struct, rename="pascal"):
@@ -128,6 +129,9 @@ class RedisBroker(Broker):
         self._drained: dict[str, float] = {}
         #: queue -> monotonic time of its next lease lapse, as the last claim saw it
         self._lapse_at: dict[str, float] = {}
+        #: queue -> the token of a claim that raised (its reply may have been lost after Redis ran
+        #: it): the next claim of that queue sends it again, to get back what that claim took
+        self._unanswered: dict[str, str] = {}
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -357,9 +361,20 @@ class RedisBroker(Broker):
         self._landing.failed(deliveries)
 
     async def _claim(self, lane: Lane, keys: _Keys, count: int) -> tuple[list[Delivery], float]:
-        """One round trip: reap lapsed leases, claim up to `count`; also seconds to the next lapse."""
-        ids, bodies, counts, next_ms = await lane.script(
-            lua.CLAIM, keys.claim, [self.consumer_id, self._lease_ms(), count, keys.landing_prefix, self.reap_limit])
+        """One round trip: reap lapsed leases, claim up to `count`; also seconds to the next lapse.
+
+        A claim that raised may have run on Redis all the same (the connection dropped before its
+        reply, or Redis died after writing it to its AOF): its token goes with the next claim,
+        which then hands back what it took, instead of those messages waiting out their leases
+        claimed by nobody. (The client's own retries of a command send the same token too.)"""
+        token = self._unanswered.pop(keys.queue, None) or uuid.uuid4().hex
+        try:
+            ids, bodies, counts, next_ms = await lane.script(
+                lua.CLAIM, keys.claim,
+                [self.consumer_id, self._lease_ms(), count, keys.landing_prefix, self.reap_limit, token])
+        except BaseException:
+            self._unanswered[keys.queue] = token
+            raise
         next_lease = next_ms / 1000.0 if next_ms >= 0 else float("inf")
         self._lapse_at[keys.queue] = time.monotonic() + min(next_lease, 86400.0)
         if not counts:

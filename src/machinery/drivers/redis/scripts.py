@@ -7,6 +7,8 @@ Key layout (queue `q`, Go's plain list; our keys share its cluster hash slot thr
   {q}:machinery:seq                 counter for the ids
   {q}:machinery:landing:<consumer>  where a blocked consumer's BLMOVE drops one message; drained
                                     into `inflight` by that consumer's next claim
+  {q}:machinery:claimed:<consumer>  that consumer's last claim: its token and ids (JSON), kept for
+                                    a lease, so a claim whose reply was lost can be asked again
   {q}:machinery:consumers           zset consumer -> deadline, guarding the landing lists
   {q}:machinery:redelivered         hash sha1(body) -> times the body went back to the queue
   delayed_tasks                     Go's zset: member = signature JSON, score = ETA in Unix ns
@@ -91,41 +93,62 @@ local function reap(q, inflight, leases, redelivered, consumers, prefix, me, now
 end
 """
 
-# KEYS: queue, our landing list, consumers, inflight, leases, redelivered, seq
-# ARGV: consumer id, lease ms, max messages, landing key prefix, reap limit
+# KEYS: queue, our landing list, consumers, inflight, leases, redelivered, seq, our last claim
+# ARGV: consumer id, lease ms, max messages, landing key prefix, reap limit, claim token
 # Claims what is in our landing list, then pops from the queue head up to the maximum; each gets an
-# id, its body in `inflight` and a deadline in `leases`.
+# id, its body in `inflight` and a deadline in `leases`. The claim is recorded under its token; a
+# call with the token of our last claim is that claim asked again (its reply was lost with the
+# connection): it takes nothing new and hands back what that claim took and still holds, with
+# fresh leases, instead of leaving those messages claimed by nobody until their leases end.
 # Returns {ids, bodies, redelivery counts (empty when none), ms until the earliest lease ends or -1}.
 CLAIM = LuaScript(_NOW_MS + _REAP + """
-local q, landing, consumers, inflight, leases, redelivered, seq =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local q, landing, consumers, inflight, leases, redelivered, seq, claimed =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local lease = tonumber(ARGV[2])
 reap(q, inflight, leases, redelivered, consumers, ARGV[4], ARGV[1], now, tonumber(ARGV[5]))
 redis.call('ZADD', consumers, now + lease, ARGV[1])
-local got = redis.call('LRANGE', landing, 0, -1)
-if #got > 0 then redis.call('DEL', landing) end
-local want = tonumber(ARGV[3]) - #got
-if want > 0 then
-  local more = redis.call('LPOP', q, want)
-  if more then
-    for _, m in ipairs(more) do got[#got + 1] = m end
-  end
-end
-local ids = {}
-if #got > 0 then
-  local first = redis.call('INCRBY', seq, #got) - #got
-  for i = 1, #got, 2000 do
-    local h, z = {}, {}
-    for j = i, math.min(i + 1999, #got) do
-      local id = string.format('%d', first + j)
-      ids[j] = id
-      h[#h + 1] = id
-      h[#h + 1] = got[j]
-      z[#z + 1] = now + lease
-      z[#z + 1] = id
+local last = redis.call('GET', claimed)
+if last then last = cjson.decode(last) end
+local got, ids = {}, {}
+if last and last[1] == ARGV[6] then
+  local asked = last[2]
+  for i = 1, #asked, 2000 do
+    local chunk = {unpack(asked, i, math.min(i + 1999, #asked))}
+    local bodies = redis.call('HMGET', inflight, unpack(chunk))
+    for j, id in ipairs(chunk) do
+      if bodies[j] then  -- else its lease ended and the reaper put it back on the queue
+        ids[#ids + 1] = id
+        got[#got + 1] = bodies[j]
+        redis.call('ZADD', leases, 'XX', now + lease, id)
+      end
     end
-    redis.call('HSET', inflight, unpack(h))
-    redis.call('ZADD', leases, unpack(z))
+  end
+else
+  got = redis.call('LRANGE', landing, 0, -1)
+  if #got > 0 then redis.call('DEL', landing) end
+  local want = tonumber(ARGV[3]) - #got
+  if want > 0 then
+    local more = redis.call('LPOP', q, want)
+    if more then
+      for _, m in ipairs(more) do got[#got + 1] = m end
+    end
+  end
+  if #got > 0 then
+    local first = redis.call('INCRBY', seq, #got) - #got
+    for i = 1, #got, 2000 do
+      local h, z = {}, {}
+      for j = i, math.min(i + 1999, #got) do
+        local id = string.format('%d', first + j)
+        ids[j] = id
+        h[#h + 1] = id
+        h[#h + 1] = got[j]
+        z[#z + 1] = now + lease
+        z[#z + 1] = id
+      end
+      redis.call('HSET', inflight, unpack(h))
+      redis.call('ZADD', leases, unpack(z))
+    end
+    redis.call('SET', claimed, cjson.encode({ARGV[6], ids}), 'PX', lease)
   end
 end
 local counts = {}
