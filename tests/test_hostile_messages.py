@@ -183,3 +183,42 @@ def test_a_task_nobody_registered_is_dead_lettered_after_its_hand_backs(
         assert server.get_broker().get_pending_tasks() == [] and server.get_broker().get_delayed_tasks() == []
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite", "redis", "amqp"])
+def test_deliveries_that_share_a_uuid_are_all_acked(store: str, tmp_path: Path) -> None:
+    """One Signature sent 30 times keeps the UUID of its first send: 30 messages, one UUID.
+    Each run's message must be acked, not only the last of a flush (the others came back after
+    their lease and ran again)."""
+    from redis_servers import redis_url, require_redis
+
+    if store == "memory":
+        cnf = Config(broker="memory://", result_backend="memory://")
+    elif store == "sqlite":
+        url = f"sqlite:///{tmp_path / 'dup.sqlite3'}"
+        cnf = Config(broker=url, result_backend=url, sqlite={"lease_seconds": 1.0})
+    elif store == "redis":
+        url = redis_url(3)
+        require_redis(url)
+        cnf = Config(broker=url, result_backend=url, redis={"lease_seconds": 1.0})
+    else:
+        import asyncio
+
+        from amqp_support import make_cnf, require_rabbit
+
+        asyncio.run(require_rabbit())
+        cnf = make_cnf()
+    server = Server(cnf)
+    runs: list[int] = []
+    server.register_task("count", lambda: runs.append(1))
+    try:
+        sig = Signature("count")
+        results = [server.send_task(sig) for _ in range(30)]
+        assert len({r.signature.uuid for r in results}) == 1
+        with running_worker(server, concurrency=8):
+            assert until(lambda: len(runs) >= 30)
+            time.sleep(2.5)  # past the lease: an unacked message would be back and run again
+        assert len(runs) == 30
+        assert server.get_broker().get_pending_tasks() == []
+    finally:
+        server.close()

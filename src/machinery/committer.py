@@ -41,7 +41,9 @@ class Committer:
         self._states: dict[str, TaskState] = {}
         self._futures: list[asyncio.Future[None]] = []
         self._acks: list[Delivery] = []
-        self._paired: dict[str, Delivery] = {}  # task uuid -> ack due once that task's state is stored
+        #: task uuid -> the deliveries to ack once that task's state is stored (several when
+        #: deliveries share a UUID: a Signature sent twice, a redelivery beside its original)
+        self._paired: dict[str, list[Delivery]] = {}
         self._sends: list[Send] = []  # follow-up tasks, sent after the states of this flush
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -69,7 +71,7 @@ class Committer:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._futures.append(fut)
         if ack is not None:
-            self._paired[state.task_uuid] = ack
+            self._paired.setdefault(state.task_uuid, []).append(ack)
         if send is not None:
             if not self.carries_sends:
                 raise UsageError("this committer cannot send follow-up tasks")
@@ -99,11 +101,14 @@ class Committer:
             sends, self._sends = self._sends, []
             pairs: list[tuple[TaskState, Delivery]] = []
             deferred: list[Delivery] = []  # acked with the next flush, alongside its states
-            for uuid, d in paired.items():
+            for uuid, ds in paired.items():
                 st = states.get(uuid)
                 if st is None:
-                    acks.append(d)
-                elif self._joint is not None and self._broker.hold(d):
+                    acks.extend(ds)
+                    continue
+                d, *more = ds
+                deferred.extend(more)  # one pair per state: the others are acked once it is stored
+                if self._joint is not None and self._broker.hold(d):
                     pairs.append((st, d))
                 else:  # two stores (acking now would add a round trip to this flush), or a
                     deferred.append(d)  # claim still running (waiting for it would hold the state back)
@@ -157,7 +162,7 @@ class Committer:
         return None
 
     def _requeue(self, states: dict[str, TaskState], futures: list[asyncio.Future[None]],
-                 acks: list[Delivery], paired: dict[str, Delivery], sends: list[Send]) -> None:
+                 acks: list[Delivery], paired: dict[str, list[Delivery]], sends: list[Send]) -> None:
         """Put a failed batch back in front of anything queued since (newer states win; a pair
         stays a pair, so its ack still waits for its state; sends that may not have gone out go
         again, after their states: after a lost connection one may go twice, at least once)."""
@@ -168,7 +173,9 @@ class Committer:
         self._states = merged
         self._futures = futures + self._futures
         self._acks = acks + self._acks
-        self._paired = {**paired, **self._paired}
+        for uuid, ds in self._paired.items():
+            paired[uuid] = paired.get(uuid, []) + ds
+        self._paired = paired
         self._sends = sends + self._sends
         self._wake.set()
 
