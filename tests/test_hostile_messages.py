@@ -20,9 +20,20 @@ from machinery.workflows import MAX_RETRY_DELAY
 DEEP = b"[" * 1000 + b"]" * 1000
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
-    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'hostile.sqlite3'}"
+    if request.param == "redis":
+        from redis_servers import redis_url, require_redis
+
+        url = redis_url(4)
+        require_redis(url)
+        import redis
+
+        client = redis.Redis.from_url(url)
+        client.flushdb()  # on this run's own server (tests/redis_servers.py)
+        client.close()
+    else:
+        url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'hostile.sqlite3'}"
     server = Server(Config(broker=url, result_backend=url))
     runs: list[str] = []
     server.__dict__["runs"] = runs
