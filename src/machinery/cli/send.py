@@ -8,8 +8,10 @@ here, not on a worker; keyword arguments need that binding, since tasks take pos
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import inspect
 import json
+import signal
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
@@ -165,20 +167,32 @@ def run(server: Server, args: argparse.Namespace) -> int:
 
 
 def _wait(server: Server, result: AsyncResult[Any], timeout: float) -> Any:
-    """result.get(timeout) on the server's event-loop thread, so that Ctrl-C here cancels the wait
-    there and lets it finish before the server closes (no task left pending at exit)."""
-    finished = threading.Event()
+    """result.get(timeout) on the server's event-loop thread. Ctrl-C cancels that wait (from a
+    SIGINT handler, so it lands wherever the main thread is) and ends here as KeyboardInterrupt,
+    with no wait left running when the server closes."""
+    interrupted = threading.Event()
+    pending: list[concurrent.futures.Future[Any]] = []
 
-    async def wait() -> Any:
-        try:
-            return await result.aget(timeout)
-        finally:
-            finished.set()
+    def on_sigint(_signum: int, _frame: object) -> None:
+        interrupted.set()
+        for fut in pending:
+            fut.cancel()
 
-    future = server.portal.submit(wait())
     try:
-        return future.result()
-    except KeyboardInterrupt:
-        future.cancel()
-        finished.wait(5)
-        raise
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: no handler of ours, Ctrl-C as Python delivers it
+        previous = None
+    try:
+        future = server.portal.submit(result.aget(timeout))
+        pending.append(future)
+        if interrupted.is_set():
+            future.cancel()
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            if interrupted.is_set():
+                raise KeyboardInterrupt from None
+            raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
