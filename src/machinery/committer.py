@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
+from machinery.drivers.capabilities import EarlyHandout
 from machinery.log import get_logger
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class Committer:
         self._draining = False
         self._closed = False
         self._joint = backend.joint_commit(broker)
+        self._early = broker.capability(EarlyHandout)
         #: store() takes follow-up sends (one round trip with the state they follow)
         self.carries_sends = self._joint is not None
 
@@ -87,7 +89,7 @@ class Committer:
         while True:
             await self._wake.wait()
             if (self._joint is not None and self._acks and not self._states and not self._draining
-                    and not any(self._broker.unclaimed(d) for d in self._acks)):
+                    and not self._unclaimed(self._acks)):
                 self._state_queued.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.ack_linger):
@@ -102,7 +104,7 @@ class Committer:
                 st = states.get(uuid)
                 if st is None:
                     acks.append(d)
-                elif self._joint is not None and self._broker.hold(d):
+                elif self._joint is not None and (self._early is None or self._early.hold(d)):
                     pairs.append((st, d))
                 else:  # two stores (acking now would add a round trip to this flush), or a
                     deferred.append(d)  # claim still running (waiting for it would hold the state back)
@@ -138,6 +140,10 @@ class Committer:
             delay = 0.05
             if not self._states and not self._acks and not self._paired:
                 self._idle.set()
+
+    def _unclaimed(self, acks: list[Delivery]) -> bool:
+        early = self._early
+        return early is not None and any(early.unclaimed(d) for d in acks)
 
     async def _store(self, states: dict[str, TaskState]) -> Exception | None:
         if states:

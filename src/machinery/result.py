@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from machinery.drivers.capabilities import BlockingReads
 from machinery.errors import TaskError, TimeoutError
 from machinery.tasks.state import FAILURE, TaskState
 
@@ -65,7 +66,7 @@ class AsyncResult:
         return state
 
     def get_state(self) -> TaskState | None:
-        reads = self._backend.blocking_reads()
+        reads = self._backend.capability(BlockingReads)
         if reads is None:
             result: TaskState | None = self._portal.run(self.aget_state())
             return result
@@ -84,7 +85,7 @@ class AsyncResult:
         """await_state's blocking twin: in the caller's thread where the backend can wait there."""
         if self._state is not None and self._state.is_completed():
             return self._state
-        reads = self._backend.blocking_reads()
+        reads = self._backend.capability(BlockingReads)
         if reads is None or self._portal.in_portal():  # on the portal's own thread: its error
             result: TaskState = self._portal.run(self.await_state(timeout))
             return result

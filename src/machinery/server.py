@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from machinery.config import Config
 from machinery.drivers import registry
+from machinery.drivers.capabilities import ConditionalPending
 from machinery.errors import MachineryError, TaskNotRegisteredError
 from machinery.portal import Portal
 from machinery.result import AsyncResult, ChainAsyncResult, ChordAsyncResult, GroupAsyncResult
@@ -67,6 +68,7 @@ class Server:
         self._broker.attach(self.portal)
         self._backend.attach(self.portal)
         self._joint_send = self._backend.joint_send(self._broker)
+        self._pending = self._backend.capability(ConditionalPending)
         self._blocking_send = self._backend.blocking_send(self._broker)
         self._tasks: dict[str, TaskSpec] = {}
         self._scheduler: PeriodicScheduler | None = None
@@ -202,13 +204,13 @@ class Server:
                        groups: dict[str, list[str]]) -> None:
         for group_uuid, members in groups.items():
             await self._backend.init_group(group_uuid, members)
-        if self._backend.conditional_pending:
+        if self._pending is not None:  # PENDING may land after the worker's first state: publish at once
             if self._joint_send is not None:
                 await self._joint_send(states, items)
             else:
-                await asyncio.gather(self._backend.set_pending(states), self._broker.publish_many(items))
+                await asyncio.gather(self._pending.set_pending(states), self._broker.publish_many(items))
         else:
-            await self._backend.set_pending(states)
+            await self._backend.set_states(states)
             await self._broker.publish_many(items)
 
     async def asend_task(self, sig: Signature) -> AsyncResult:

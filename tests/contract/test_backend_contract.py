@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime
 
 from machinery.drivers.backend import Backend, GroupProgress
+from machinery.drivers.capabilities import ConditionalPending
 from machinery.tasks.state import FAILURE, PENDING, RECEIVED, STARTED, SUCCESS, TaskResult, TaskState
 
 from .conftest import Driver
@@ -18,6 +19,12 @@ PROMPT = 2.0
 
 def new_uuid() -> str:
     return f"task_{uuid.uuid4()}"
+
+
+async def store_pending(backend: Backend, states: list[TaskState]) -> None:
+    """Store PENDING as a send does: set_pending() with ConditionalPending, else set_states()."""
+    conditional = backend.capability(ConditionalPending)
+    await (backend.set_states(states) if conditional is None else conditional.set_pending(states))
 
 
 def success(task_uuid: str, *results: TaskResult) -> TaskState:
@@ -84,7 +91,7 @@ async def test_later_states_keep_created_at(backend_driver: Driver[Backend], bac
     created = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
     # drivers that store states as given (see "no_state_merge" in conftest) read back no CreatedAt
     kept = None if "no_state_merge" in backend_driver.caps else created
-    await backend.set_pending([TaskState(task, PENDING, task_name="add", created_at=created)])
+    await store_pending(backend, [TaskState(task, PENDING, task_name="add", created_at=created)])
     pending = await backend.get_state(task)
     assert pending is not None and pending.created_at == created
     await backend.set_states([TaskState(lone, RECEIVED, task_name="add"), TaskState(task, RECEIVED, task_name="add")])
@@ -106,15 +113,15 @@ async def test_later_states_keep_created_at(backend_driver: Driver[Backend], bac
 async def test_pending_stored_after_the_workers_first_state_adds_its_created_at(
     backend_driver: Driver[Backend], backend: Backend
 ) -> None:
-    """A conditional_pending send stores PENDING while it publishes, so the worker's RECEIVED may
+    """A ConditionalPending send stores PENDING while it publishes, so the worker's RECEIVED may
     land first: PENDING must not replace it, but still hands it the CreatedAt only PENDING has."""
     task = new_uuid()
     created = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
     await backend.set_state(TaskState(task, RECEIVED, task_name="add"))
-    await backend.set_pending([TaskState(task, PENDING, task_name="add", created_at=created)])
+    await store_pending(backend, [TaskState(task, PENDING, task_name="add", created_at=created)])
     got = await backend.get_state(task)
     assert got is not None
-    if not backend.conditional_pending:  # PENDING is stored before the publish: nothing precedes it
+    if backend.capability(ConditionalPending) is None:  # PENDING is stored before the publish: nothing precedes it
         assert got.state == PENDING and got.created_at == created
     elif "no_pending_fill" in backend_driver.caps:
         assert got.state == RECEIVED and got.created_at is None
@@ -365,12 +372,12 @@ async def test_wait_completed_times_out_with_none(backend: Backend) -> None:
 async def test_set_pending(backend: Backend) -> None:
     """PENDING is stored for a new task; a conditional backend never lets it replace a later state."""
     fresh, done = new_uuid(), new_uuid()
-    await backend.set_pending([TaskState(fresh, "PENDING", task_name="t")])
+    await store_pending(backend, [TaskState(fresh, "PENDING", task_name="t")])
     stored = await backend.get_state(fresh)
     assert stored is not None and stored.state == "PENDING" and stored.task_name == "t"
     await backend.set_state(success(done, TaskResult("int64", 1)))
-    await backend.set_pending([TaskState(done, "PENDING", task_name="t")])
+    await store_pending(backend, [TaskState(done, "PENDING", task_name="t")])
     after = await backend.get_state(done)
     assert after is not None
-    if backend.conditional_pending:
+    if backend.capability(ConditionalPending) is not None:
         assert after.state == "SUCCESS"

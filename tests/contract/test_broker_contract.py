@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import pytest
 
 from machinery.drivers.broker import Broker, Delivery
+from machinery.drivers.capabilities import DelayedListing, Leases
 from machinery.tasks.signature import Signature
 
 from .conftest import Driver
@@ -60,6 +61,12 @@ async def in_other_loop(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 def bodies(ds: list[Delivery]) -> list[bytes]:
     return [d.body for d in ds]
+
+
+async def delayed(broker: Broker) -> list[bytes]:
+    """What the broker lists as held back by an ETA ([] without DelayedListing)."""
+    listing = broker.capability(DelayedListing)
+    return [] if listing is None else await listing.delayed()
 
 
 def listed(driver: Driver[Broker], expected: list[T]) -> list[T]:
@@ -259,19 +266,19 @@ async def test_ack_removes(broker_driver: Driver[Broker], broker: Broker) -> Non
 async def test_eta_in_future_is_held_until_due(broker_driver: Driver[Broker], broker: Broker) -> None:
     eta_ns = time.time_ns() + 1_500_000_000
     body = await publish(broker, 1, eta_ns=eta_ns)
-    assert await broker.delayed() == listed(broker_driver, [body])
+    assert await delayed(broker) == listed(broker_driver, [body])
     assert await broker.pending(default_queue(broker)) == []
     assert await broker.fetch(default_queue(broker), 10, 0.3) == []
     got = await broker.fetch(default_queue(broker), 10, 5.0)
     assert bodies(got) == [body]
     assert time.time_ns() >= eta_ns - 2_000_000, "fetched before its ETA"
-    assert await broker.delayed() == []
+    assert await delayed(broker) == []
     await broker.ack(got)
 
 
 async def test_eta_in_past_is_fetched_at_once(broker: Broker) -> None:
     body = await publish(broker, 1, eta_ns=time.time_ns() - 5_000_000_000)
-    assert await broker.delayed() == []
+    assert await delayed(broker) == []
     got = await broker.fetch(default_queue(broker), 10, 2.0)
     assert bodies(got) == [body]
     await broker.ack(got)
@@ -283,7 +290,7 @@ async def test_delayed_lists_held_messages_by_eta(broker_driver: Driver[Broker],
     soon = await publish(broker, 2, eta_ns=now + 10_000_000_000, queue=other_queue(broker_driver))
     mid = await publish(broker, 3, eta_ns=now + 20_000_000_000)
     ready = await publish(broker, 4)
-    assert await broker.delayed() == listed(broker_driver, [soon, mid, late])
+    assert await delayed(broker) == listed(broker_driver, [soon, mid, late])
     assert await broker.pending(default_queue(broker)) == listed(broker_driver, [ready])
 
 
@@ -337,7 +344,7 @@ async def test_publish_many(broker_driver: Driver[Broker], broker: Broker) -> No
     await broker.publish_many([(s, b, None) for s, b in items] + [(held[0], held[1], eta_ns)])
     assert await broker.pending(default_queue(broker)) == listed(broker_driver, [b for _, b in items[:50]])
     assert await broker.pending(q2) == listed(broker_driver, [b for _, b in items[50:]])
-    assert await broker.delayed() == listed(broker_driver, [held[1]])
+    assert await delayed(broker) == listed(broker_driver, [held[1]])
     got = await drain(broker, default_queue(broker), 50, 3.0)
     assert bodies(got) == [b for _, b in items[:50]]
 
@@ -357,7 +364,8 @@ async def test_cancelled_fetch_loses_no_message(broker_driver: Driver[Broker]) -
         except asyncio.CancelledError:
             pass
     # Whatever a cancelled fetch had claimed must come back (at the latest when its lease ends).
-    lease = broker.lease_seconds or 0.0
+    leases = broker.capability(Leases)
+    lease = 0.0 if leases is None else leases.lease_seconds
     received.extend(await drain(broker, default_queue(broker), len(sent) - len(received), lease + 3.0))
     assert sorted(bodies(received)) == sorted(sent)
 
@@ -368,9 +376,10 @@ async def test_cancelled_fetch_loses_no_message(broker_driver: Driver[Broker]) -
 async def test_unrenewed_lease_expires_and_renewed_one_does_not(broker_driver: Driver[Broker]) -> None:
     broker_driver.configure(lease_seconds=0.8)
     broker = await broker_driver.open()
-    if broker.lease_seconds is None:
-        pytest.skip(f"{broker_driver.name} has no leases (lease_seconds is None)")
-    lease = broker.lease_seconds
+    leases = broker.capability(Leases)
+    if leases is None:
+        pytest.skip(f"{broker_driver.name} has no leases")
+    lease = leases.lease_seconds
     assert lease <= 0.8, "the factory must honour env.lease_seconds"
     dropped = await publish(broker, 1)
     kept = await publish(broker, 2)
@@ -383,7 +392,7 @@ async def test_unrenewed_lease_expires_and_renewed_one_does_not(broker_driver: D
 
     async def heartbeat() -> None:
         while not stop.is_set():
-            await broker.renew(keep)
+            await leases.renew(keep)
             await asyncio.sleep(lease / 4)
 
     beat = asyncio.create_task(heartbeat())
@@ -410,10 +419,11 @@ async def test_unrenewed_lease_expires_and_renewed_one_does_not(broker_driver: D
 async def test_acked_message_does_not_come_back_after_lease(broker_driver: Driver[Broker]) -> None:
     broker_driver.configure(lease_seconds=0.5)
     broker = await broker_driver.open()
-    if broker.lease_seconds is None:
-        pytest.skip(f"{broker_driver.name} has no leases (lease_seconds is None)")
+    leases = broker.capability(Leases)
+    if leases is None:
+        pytest.skip(f"{broker_driver.name} has no leases")
     await publish(broker, 1)
     got = await broker.fetch(default_queue(broker), 10, 2.0)
     assert len(got) == 1
     await broker.ack(got)
-    assert await broker.fetch(default_queue(broker), 10, broker.lease_seconds + 0.8) == []
+    assert await broker.fetch(default_queue(broker), 10, leases.lease_seconds + 0.8) == []

@@ -6,17 +6,20 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
+from machinery.drivers.capabilities import Capable, ResultWakeups
 from machinery.portal import PortalUser
 from machinery.tasks.state import GroupMeta, TaskState
-from machinery.waiters import Waiters
 
 if TYPE_CHECKING:
     from machinery.config import Config
     from machinery.drivers.broker import Broker, Delivery, PublishItem
+    from machinery.waiters import Waiters
+
+#: longest pause between re-reads of the generic wait without ResultWakeups
+POLL_CAP = 0.05
 
 #: stores PENDING states and publishes messages together
 JointSend = Callable[[Sequence[TaskState], Sequence["PublishItem"]], Awaitable[None]]
@@ -33,14 +36,6 @@ JointCommit = Callable[[Sequence[TaskState], Sequence["Delivery"], Sequence[tupl
 BlockingSend = Callable[[TaskState, "PublishItem"], bool]
 
 
-class BlockingReads(Protocol):
-    """Reads a sync caller makes in its own thread, blocking (see Backend.blocking_reads)."""
-
-    def get_state(self, task_uuid: str) -> TaskState | None: ...
-
-    def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class GroupProgress:
     """What one member's completion did to its group, returned atomically by the backend.
@@ -54,12 +49,12 @@ class GroupProgress:
     counted: bool
 
 
-class Backend(PortalUser, ABC):
-    """Stores states (Go's TaskState JSON where the store is Go-compatible) and group metadata."""
+class Backend(PortalUser, Capable, ABC):
+    """Stores states (Go's TaskState JSON where the store is Go-compatible) and group metadata.
 
-    #: True when set_pending() never overwrites a stored state: a send may then store PENDING and
-    #: publish at the same time (one round trip of latency instead of two).
-    conditional_pending: bool = False
+    The primitives below are the whole contract; what only some backends can do (conditional
+    PENDING, wake-ups, blocking reads) is a capability: see machinery.drivers.capabilities.
+    """
 
     def __init__(self, cnf: Config, url: str = "") -> None:
         self.cnf = cnf
@@ -126,11 +121,6 @@ class Backend(PortalUser, ABC):
         default) sends through the portal. Drivers offer it where a blocking client is cheap."""
         return None
 
-    def blocking_reads(self) -> BlockingReads | None:
-        """The sync facade's direct state reads and result waits; None (the default) reads
-        through the portal."""
-        return None
-
     # --- built on the primitives; drivers may override for speed ---------------------------
 
     async def set_state(self, state: TaskState) -> None:
@@ -139,55 +129,44 @@ class Backend(PortalUser, ABC):
     async def get_state(self, task_uuid: str) -> TaskState | None:
         return (await self.get_states([task_uuid]))[0]
 
-    async def set_pending(self, states: Sequence[TaskState]) -> None:
-        """Store the PENDING states of tasks being sent (drivers may store them only where absent)."""
-        await self.set_states(states)
-
-    #: same-process wake-ups: drivers that can notify local waiters on completion set this
-    local_waiters: Waiters | None = None
-    #: longest pause between re-reads while waiting; None = rely on wake-ups alone (in-process stores)
-    poll_cap: float | None = 0.05
-
-    def remote_wakeups(self) -> AbstractContextManager[bool]:
-        """While inside, other processes' writes also wake `local_waiters` when it yields True
-        (e.g. the SQLite doorbell); then re-reads are only a safety net, made poll_cap apart."""
-        return nullcontext(False)
-
     async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
         """Wait until the task is SUCCESS or FAILURE; None when the timeout passes first.
 
-        Re-reads with a back-off up to `poll_cap` (straight at `poll_cap` while remote wake-ups
-        work), and wakes at once on a write notified through `local_waiters`; drivers with a
-        server-side notification override it.
+        Re-reads with a back-off up to a cap; with ResultWakeups, wakes at once when this process
+        stores the state, and re-reads at the backend's poll_cap (straight at poll_cap while
+        remote wake-ups work). Drivers with a server-side notification override it.
         """
-        with self.remote_wakeups() as pushed:
-            return await self._wait_completed(task_uuid, timeout, pushed)
+        wakeups = self.capability(ResultWakeups)
+        if wakeups is None:
+            return await self._wait_completed(task_uuid, timeout, None, POLL_CAP, False)
+        with wakeups.remote_wakeups() as pushed:
+            return await self._wait_completed(task_uuid, timeout, wakeups.waiters, wakeups.poll_cap, pushed)
 
-    async def _wait_completed(self, task_uuid: str, timeout: float | None, pushed: bool) -> TaskState | None:
+    async def _wait_completed(self, task_uuid: str, timeout: float | None, waiters: Waiters | None,
+                              poll_cap: float | None, pushed: bool) -> TaskState | None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = (self.poll_cap if pushed else None) or 0.0005
-        waiters = self.local_waiters
+        delay = (poll_cap if pushed else None) or 0.0005
         while True:
             fut = waiters.register(task_uuid) if waiters is not None else None
             try:
                 state = await self.get_state(task_uuid)
                 if state is not None and state.is_completed():
                     return state
-                pause = self.poll_cap and delay
+                pause = poll_cap and delay
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return None
                     pause = min(pause, left) if pause else left
                 if fut is None:
-                    await asyncio.sleep(pause or 0.05)
+                    await asyncio.sleep(pause or POLL_CAP)
                 else:
                     try:
                         await asyncio.wait_for(asyncio.shield(fut), pause or None)
                     except TimeoutError:
                         pass
-                if self.poll_cap:
-                    delay = min(delay * 2, self.poll_cap)
+                if poll_cap:
+                    delay = min(delay * 2, poll_cap)
             finally:
                 if fut is not None and waiters is not None:
                     waiters.discard(task_uuid, fut)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from machinery.drivers.backend import Backend, BlockingSend, GroupProgress
+from machinery.drivers.capabilities import BlockingPublish
 from machinery.tasks.state import GroupMeta, TaskState
 
 if TYPE_CHECKING:
@@ -17,10 +18,10 @@ class NullBackend(Backend):
 
     def blocking_send(self, broker: Broker) -> BlockingSend | None:
         """Nothing to store: a send is the broker's direct publish, where it has one."""
-        publish = broker.blocking_publish()
-        if publish is None:
+        publisher = broker.capability(BlockingPublish)
+        if publisher is None:
             return None
-        return lambda _state, item: publish(item)
+        return lambda _state, item: publisher.publish_blocking(item)
 
     async def set_states(self, states: Sequence[TaskState]) -> None:
         return None

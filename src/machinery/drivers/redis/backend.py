@@ -16,16 +16,16 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from machinery.drivers.backend import (
     Backend,
-    BlockingReads,
     BlockingSend,
     GroupProgress,
     JointCommit,
     JointSend,
 )
+from machinery.drivers.capabilities import BlockingReads, ConditionalPending
 from machinery.drivers.redis.blocking import BlockingRedis
 from machinery.drivers.redis.client import (
     Batch,
@@ -56,6 +56,8 @@ from machinery.tasks.state import (
 if TYPE_CHECKING:
     from machinery.config import Config
     from machinery.drivers.broker import Broker, Delivery, PublishItem
+
+C = TypeVar("C")
 
 CHORD_MUTEX = "TriggerChordMutex"  # Go's redsync mutex, one for all groups
 CHANNEL_PREFIX = "machinery:done:"
@@ -230,10 +232,9 @@ return 0
 _wrap = wrap_errors(BackendError, "redis backend")
 
 
-class RedisBackend(Backend):
+class RedisBackend(Backend, ConditionalPending):
     """Go-compatible Redis result backend with atomic group counting and wake-on-completion."""
 
-    conditional_pending = True
     #: states per script call in standalone mode (the whole batch still goes in one round trip)
     chunk = 256
     #: PENDING states per script call in standalone mode (set_pending)
@@ -411,8 +412,11 @@ class RedisBackend(Backend):
 
         return send
 
-    def blocking_reads(self) -> BlockingReads | None:
-        return self._blocking if self._blocking.available else None
+    def capability(self, kind: type[C]) -> C | None:
+        """BlockingReads on a standalone server (Sentinel and Cluster take the asyncio path)."""
+        if kind is BlockingReads:
+            return self._blocking if self._blocking.available and isinstance(self._blocking, kind) else None
+        return super().capability(kind)
 
     @_wrap
     async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from machinery.drivers.capabilities import BlockingReads
 from machinery.drivers.redis.client import BlockingClient, Client, LuaScript, wrap_blocking_errors
 from machinery.errors import BackendError
 from machinery.tasks.state import TaskState, decode_state
@@ -128,7 +129,7 @@ def _connect_within(conn: Any, budget: float) -> None:
     conn._sock.settimeout(saved[0])  # the socket keeps the timeout it was made with
 
 
-class BlockingRedis:
+class BlockingRedis(BlockingReads):
     """Blocking calls on one Redis server, made lazily: nothing connects until first used.
 
     A thread that waits for each task it sends before sending the next (send-and-wait, the RPC
