@@ -58,7 +58,7 @@ def sig(i: int, queue: str = "", eta: datetime | None = None) -> tuple[Signature
 
 async def counted(broker: RedisBroker | Any) -> list[str]:
     """Record every command / pipeline the broker's client sends (one entry per round trip)."""
-    client = await broker._client()
+    client = await broker._clients.get()
     calls: list[str] = []
     execute, pipeline = client.execute_command, client.pipeline
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from machinery.config import Config
 from machinery.drivers import registry
-from machinery.drivers.capabilities import ConditionalPending
+from machinery.drivers.capabilities import BlockingSend, ConditionalPending, JointSend, capability_of
 from machinery.errors import MachineryError, TaskNotRegisteredError
 from machinery.portal import Portal
 from machinery.result import AsyncResult, ChainAsyncResult, ChordAsyncResult, GroupAsyncResult
@@ -25,6 +25,7 @@ from machinery.tracing import Tracer
 if TYPE_CHECKING:
     from machinery.drivers.backend import Backend
     from machinery.drivers.broker import Broker, PublishItem
+    from machinery.drivers.capabilities import Pairing
     from machinery.drivers.lock import Lock
     from machinery.periodic import PeriodicScheduler
     from machinery.worker import Worker
@@ -67,9 +68,10 @@ class Server:
         self._lock = lock
         self._broker.attach(self.portal)
         self._backend.attach(self.portal)
-        self._joint_send = self._backend.joint_send(self._broker)
+        self._pairing = registry.find_pairing(self._broker, self._backend)
         self._pending = self._backend.capability(ConditionalPending)
-        self._blocking_send = self._backend.blocking_send(self._broker)
+        self._joint_send = capability_of(self._pairing, JointSend)
+        self._blocking_send = capability_of(self._pairing, BlockingSend)
         self._tasks: dict[str, TaskSpec] = {}
         self._scheduler: PeriodicScheduler | None = None
         #: OpenTelemetry spans of sends and task runs (no-ops without the opentelemetry-api package);
@@ -128,6 +130,10 @@ class Server:
 
     def get_backend(self) -> Backend:
         return self._backend
+
+    def get_pairing(self) -> Pairing | None:
+        """What the broker and backend can do together (machinery.drivers.capabilities.Pairing)."""
+        return self._pairing
 
     def get_lock(self) -> Lock:
         if self._lock is None:
@@ -206,7 +212,7 @@ class Server:
             await self._backend.init_group(group_uuid, members)
         if self._pending is not None:  # PENDING may land after the worker's first state: publish at once
             if self._joint_send is not None:
-                await self._joint_send(states, items)
+                await self._joint_send.send(states, items)
             else:
                 await asyncio.gather(self._pending.set_pending(states), self._broker.publish_many(items))
         else:
@@ -224,11 +230,11 @@ class Server:
         if send is None:
             result: AsyncResult = self.portal.run(self.asend_task(sig))
             return result
-        # In the caller's thread where the driver can (see Backend.blocking_send): one command,
+        # In the caller's thread where the drivers can (see capabilities.BlockingSend): one command,
         # without the hand-over to the portal's thread, which costs more than the command.
         with self.tracing.send("SendTask", [sig]):
             states, items, _ = self._plan([sig], False)
-            if not send(states[0], items[0]):
+            if not send.send_blocking(states[0], items[0]):
                 self.portal.run(self._publish(states, items, {}))
         return AsyncResult(sig, self._backend, self.portal)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from machinery import loops
 from machinery.committer import Committer
 from machinery.context import TaskContext
-from machinery.drivers.capabilities import EarlyHandout, Leases
+from machinery.drivers.capabilities import EarlyHandout, JointCommit, Leases, capability_of
 from machinery.errors import ArgTypeError, DecodeError, MachineryError, RetryTaskLater
 from machinery.log import get_logger
 from machinery.retry import fibonacci_next
@@ -169,7 +169,7 @@ class Worker:
         threads = self.concurrency or UNLIMITED_THREADS
         self._pool = SyncRunner(loop, threads, f"machinery-{self.tag}")
         broker, backend = self.server.get_broker(), self.server.get_backend()
-        self._committer = Committer(backend, broker)
+        self._committer = Committer(backend, broker, capability_of(self.server.get_pairing(), JointCommit))
         self._early = broker.capability(EarlyHandout)
         if _signals:
             for sig in (signal.SIGINT, signal.SIGTERM):

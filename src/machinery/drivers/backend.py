@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,25 +15,10 @@ from machinery.tasks.state import GroupMeta, TaskState
 
 if TYPE_CHECKING:
     from machinery.config import Config
-    from machinery.drivers.broker import Broker, Delivery, PublishItem
     from machinery.waiters import Waiters
 
 #: longest pause between re-reads of the generic wait without ResultWakeups
 POLL_CAP = 0.05
-
-#: stores PENDING states and publishes messages together
-JointSend = Callable[[Sequence[TaskState], Sequence["PublishItem"]], Awaitable[None]]
-#: stores states and acks deliveries together, and each paired state with its delivery's ack
-#: atomically, then sends follow-up tasks (their PENDING states and messages) after the states in
-#: the same round trip; returns the error of each part (None = done; a failed pair or send counts
-#: as a state error) and the indices of the sends that may not have gone out (to send again)
-JointCommit = Callable[[Sequence[TaskState], Sequence["Delivery"], Sequence[tuple[TaskState, "Delivery"]],
-                        Sequence[tuple[Sequence[TaskState], Sequence["PublishItem"]]]],
-                       Awaitable[tuple[Exception | None, Exception | None, list[int]]]]
-
-#: sends one task (its PENDING state and its message) in the caller's thread, blocking; False
-#: means this task cannot go this way (a delayed one, say) and takes the asyncio path
-BlockingSend = Callable[[TaskState, "PublishItem"], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,21 +90,6 @@ class Backend(PortalUser, Capable, ABC):
 
     async def close(self) -> None:
         """Release connections of the current event loop."""
-
-    def joint_send(self, broker: Broker) -> JointSend | None:
-        """A way to store PENDING states and publish in one round trip (conditional_pending
-        backends sharing a server with the broker); None means two calls, sent concurrently."""
-        return None
-
-    def joint_commit(self, broker: Broker) -> JointCommit | None:
-        """A way to store states and ack deliveries in one round trip, when this backend and the
-        broker share a server; None (the default) means two separate calls, sent concurrently."""
-        return None
-
-    def blocking_send(self, broker: Broker) -> BlockingSend | None:
-        """The sync facade's direct send of one task, without the portal's thread hop; None (the
-        default) sends through the portal. Drivers offer it where a blocking client is cheap."""
-        return None
 
     # --- built on the primitives; drivers may override for speed ---------------------------
 

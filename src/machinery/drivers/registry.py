@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from machinery.config import Config
     from machinery.drivers.backend import Backend
     from machinery.drivers.broker import Broker
+    from machinery.drivers.capabilities import Pairing
     from machinery.drivers.lock import Lock
 
 Kind = Literal["broker", "backend", "lock"]
@@ -145,6 +146,31 @@ def make_lock(cnf: Config, url: str | None = None) -> Lock:
         url = cnf.result_backend if backend_scheme in ("sqlite", "redis", "rediss") else "eager"
     lock: Lock = driver_class(url, "lock")(cnf, url)
     return lock
+
+
+def find_pairing(broker: Broker, backend: Backend) -> Pairing | None:
+    """What this broker and backend can do together (see capabilities.Pairing), or None.
+
+    Asks the broker's driver package, then the backend's: a package that pairs its drivers has
+    a module `pairing` whose `pair(broker, backend)` recognises them. Packages without one (and
+    drivers defined outside a package) pair with nothing.
+    """
+    asked: set[str] = set()
+    for driver in (broker, backend):
+        package = type(driver).__module__.rpartition(".")[0]
+        if not package or package in asked:
+            continue
+        asked.add(package)
+        try:
+            found = importlib.util.find_spec(f"{package}.pairing")
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            continue
+        pairing: Pairing | None = importlib.import_module(f"{package}.pairing").pair(broker, backend)
+        if pairing is not None:
+            return pairing
+    return None
 
 
 def _redact(url: str) -> str:
