@@ -133,7 +133,7 @@ class DeadLetterListing(ABC):
 
     @abstractmethod
     async def dead_letters(self) -> list[tuple[bytes, str]]:
-        """(body, reason) of each dead-lettered message, oldest first."""
+        """(body, reason) of each dead-lettered message (oldest first where the store keeps order)."""
 
 
 # --- backend capabilities --------------------------------------------------------------------
