@@ -27,12 +27,12 @@ from machinery.drivers.redis.client import (
     Clients,
     Lane,
     LuaScript,
-    cancel_requested,
     parse_redis_url,
     tagged,
     wrap_errors,
 )
-from machinery.drivers.redis.notify import Notifier, Waiter
+from machinery.drivers.redis.notify import AsyncWaits
+from machinery.drivers.redis.waits import CHANNEL_PREFIX
 from machinery.errors import BackendError
 from machinery.loops import PerLoop
 from machinery.tasks import gojson
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 C = TypeVar("C")
 
 CHORD_MUTEX = "TriggerChordMutex"  # Go's redsync mutex, one for all groups
-CHANNEL_PREFIX = "machinery:done:"
 _ZERO_TOKEN = gojson.encode(gojson.ZERO_TIME)
 _NAME_KEY = b'"TaskName":'
 _CREATED_KEY = b'"CreatedAt":'
@@ -201,10 +200,11 @@ class RedisBackend(Backend, ConditionalPending):
         super().__init__(cnf, url or cnf.result_backend)
         self.target = parse_redis_url(self.url, cnf, "result_backend")
         self._clients = Clients(self.target, cnf)
-        self._notifiers: PerLoop[Notifier] = PerLoop()
+        #: the asyncio face of result waits, and of the pairing's one-task sends
+        self.waits = AsyncWaits(self._clients.get)
         self._cluster = self.target.cluster
         #: the blocking face: BlockingReads, and the pairing's blocking send
-        self.blocking = BlockingRedis(self.target, cnf, CHANNEL_PREFIX)
+        self.blocking = BlockingRedis(self.target, cnf)
         self._lanes: PerLoop[Lane] = PerLoop()
         self._send_lanes: PerLoop[Lane] = PerLoop()  # one-task sends: no pool checkout per send
 
@@ -350,61 +350,14 @@ class RedisBackend(Backend, ConditionalPending):
 
     # --- waiting ---------------------------------------------------------------------------
 
-    async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
-        """Woken by the PUBLISH that stores the final state; a backed-off re-read covers states
-        written by Go (which does not publish) and a lost pub/sub connection."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            async with asyncio.timeout(timeout):  # also bounds a hung connection
-                return await self._wait(task_uuid, deadline)
-        except TimeoutError:
-            return None
-
     @_wrap
-    async def _wait(self, task_uuid: str, deadline: float | None) -> TaskState | None:
-        client = await self.client()
-        notifier = self._notifiers.get(lambda: Notifier(client))
-        channel = (CHANNEL_PREFIX + task_uuid).encode()
-        waiter = Waiter()
-        # Subscribe, then read once the subscription is confirmed (the reader wakes the waiter):
-        # a state stored before that is read, one stored after is published to us. Reading at
-        # once as well would save a round trip only when the task is already done, and costs a
-        # read for every wait on a running task.
-        await notifier.add(channel, waiter)
-        try:
-            recheck = 0.25
-            while True:
-                step = recheck
-                if deadline is not None:
-                    step = min(step, deadline - time.monotonic())
-                    if step <= 0:  # one last look: the confirmation may not have come yet
-                        stored = await self.get_state(task_uuid)
-                        return stored if stored is not None and stored.is_completed() else None
-                try:
-                    async with asyncio.timeout(step):  # a timer; wait_for would add a Task per wait
-                        await waiter.event.wait()
-                except TimeoutError:
-                    if cancel_requested():  # the caller's own timeout or cancel, not our step
-                        raise
-                    recheck = min(recheck * 2, 1.0)
-                waiter.event.clear()
-                data, waiter.data = waiter.data, None
-                if data is not None:
-                    published = decode_state(data)
-                    if published.is_completed():
-                        return published
-                if cancel_requested():
-                    raise asyncio.CancelledError
-                stored = await self.get_state(task_uuid)
-                if stored is not None and stored.is_completed():
-                    return stored
-        finally:
-            notifier.remove(channel, waiter)
+    async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
+        """Woken by the PUBLISH that stores the final state; re-reads cover states written by Go
+        (which does not publish) and a lost pub/sub connection (see waits.py)."""
+        return await self.waits.wait(task_uuid, timeout)
 
     async def close(self) -> None:
-        notifier = self._notifiers.pop_current()
-        if notifier is not None:
-            await notifier.close()
+        await self.waits.close()
         for lanes in (self._lanes, self._send_lanes):
             lane = lanes.pop_current()
             if lane is not None:

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 from machinery.drivers.capabilities import BlockingSend, JointCommit, JointSend, Pairing, Send
 from machinery.drivers.redis import scripts as broker_lua
-from machinery.drivers.redis.backend import CHANNEL_PREFIX, STORE_FN, RedisBackend, state_arg, wrap_backend
+from machinery.drivers.redis.backend import STORE_FN, RedisBackend, state_arg, wrap_backend
 from machinery.drivers.redis.broker import RedisBroker
 from machinery.drivers.redis.client import Batch, LuaScript
+from machinery.drivers.redis.waits import CHANNEL_PREFIX
 from machinery.errors import BackendError
 from machinery.tasks.state import encode_state
 
@@ -98,9 +99,8 @@ class RedisPairing(Pairing, JointSend, JointCommit, BlockingSend):
         broker, backend = self.broker, self.backend
         if len(states) == 1 and len(items) == 1 and (queue := broker.ready_queue(items[0])) is not None:
             state = states[0]
-            lane = await backend.send_lane()
-            await lane.script(SEND_ONE, [state.task_uuid, queue],
-                              [backend.expire_in, encode_state(state), items[0][1]])
+            await backend.waits.send(await backend.send_lane(), SEND_ONE, [state.task_uuid, queue],
+                                     [backend.expire_in, encode_state(state), items[0][1]])
             return
         batch = Batch()
         backend.pending_ops(batch, states)
