@@ -27,11 +27,11 @@ from machinery.drivers.redis.client import (
     Clients,
     Lane,
     LuaScript,
-    parse_redis_url,
     tagged,
     wrap_errors,
 )
 from machinery.drivers.redis.notify import AsyncWaits
+from machinery.drivers.redis.url import parse_redis_url
 from machinery.drivers.redis.waits import CHANNEL_PREFIX
 from machinery.errors import BackendError
 from machinery.loops import PerLoop

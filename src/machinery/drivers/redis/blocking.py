@@ -13,20 +13,121 @@ Sentinel and Cluster take the asyncio path.
 from __future__ import annotations
 
 import os
+import ssl
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from machinery.drivers.capabilities import BlockingReads
-from machinery.drivers.redis.client import BlockingClient, Client, LuaScript, wrap_blocking_errors
+from machinery.drivers.redis.client import (
+    UNLIMITED_CONNECTIONS,
+    Client,
+    LuaScript,
+    client_options,
+    reworded,
+    wrap_blocking_errors,
+)
 from machinery.drivers.redis.waits import Caller, Step, Wait, channel_of
 from machinery.errors import BackendError
 from machinery.tasks.state import TaskState, decode_state
 
 if TYPE_CHECKING:
     from machinery.config import Config
-    from machinery.drivers.redis.client import RedisTarget
+    from machinery.drivers.redis.url import RedisTarget
+
+def create_blocking_client(t: RedisTarget, cnf: Config) -> Client:
+    """A blocking (thread-safe, pooled) redis-py client for a standalone server, for the sync
+    facade's direct calls (Sentinel and Cluster take the asyncio path)."""
+    import redis
+    from redis.retry import Retry
+
+    kwargs: dict[str, Any] = dict(client_options(t, cnf, Retry), db=t.db,
+                                  max_connections=cnf.redis.max_active or UNLIMITED_CONNECTIONS)
+    if t.socket_path:
+        pool = redis.ConnectionPool(connection_class=redis.UnixDomainSocketConnection, path=t.socket_path,
+                                    **kwargs)
+    else:
+        host, port = t.hosts[0]
+        base = _blocking_tls_class(cnf.tls) if t.tls else redis.Connection
+        pool = redis.ConnectionPool(host=host, port=port, connection_class=base, **kwargs)
+    return redis.Redis(connection_pool=pool)
+
+
+class BlockingClient:
+    """Blocking calls on one standalone server for the sync facade's direct calls, made on first
+    use. Each thread keeps its own connection: one command costs a write and a read, without
+    redis-py's per-command pool checkout (half the cost of a small command). Raises redis-py's
+    errors; callers word them for their driver."""
+
+    def __init__(self, target: RedisTarget, cnf: Config) -> None:
+        self._target = target
+        self._cnf = cnf
+        self._client: Client | None = None
+        self._made = threading.Lock()
+        self._local = threading.local()
+        self._conns: weakref.WeakSet[Any] = weakref.WeakSet()  # to close them all; a dead thread's go with it
+
+    @property
+    def available(self) -> bool:
+        """False for Sentinel and Cluster: their callers take the asyncio path."""
+        return not self._target.cluster and not self._target.master_name
+
+    def get(self) -> Client:
+        """The pooled client (its pool's settings make the per-thread connections)."""
+        if self._client is None:
+            with self._made:
+                if self._client is None:
+                    self._client = create_blocking_client(self._target, self._cnf)
+        return self._client
+
+    def call(self, *args: Any) -> Any:
+        """One command on this thread's connection, retried on connection errors as configured."""
+        conn = self._conn()
+        return conn.retry.call_with_retry(lambda: _round_trip(conn, args), lambda _error: conn.disconnect())
+
+    def script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        return script.run_blocking(self.call, keys, args)
+
+    def _conn(self) -> Any:
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            pool = self.get().connection_pool
+            conn = local.conn = pool.connection_class(**pool.connection_kwargs)
+            local.pid = os.getpid()
+            self._conns.add(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close every connection; the next call opens new ones."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.connection_pool.disconnect()
+        for conn in list(self._conns):
+            conn.disconnect()
+
+
+def _round_trip(conn: Any, args: tuple[Any, ...]) -> Any:
+    conn.send_packed_command(conn.pack_command(*args))
+    return conn.read_response()
+
+
+def _blocking_tls_class(ctx: ssl.SSLContext | None) -> type[Any]:
+    """Blocking TLS connections that use cnf.tls as is."""
+    from redis.connection import SSLConnection
+
+    if ctx is None:
+        return SSLConnection
+    context = ctx
+
+    class _ContextSSLConnection(SSLConnection):
+        def _wrap_socket_with_ssl(self, sock: Any) -> Any:
+            return context.wrap_socket(sock, server_hostname=self.host)
+
+    return _ContextSSLConnection
+
 
 _wrap = wrap_blocking_errors(BackendError, "redis backend")
 
@@ -207,13 +308,13 @@ class BlockingRedis(BlockingReads):
                 watched = False  # a new connection: subscribe again
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise BackendError(f"redis backend wait_completed: {type(exc).__name__}: {exc}") from exc
+                    raise reworded(BackendError, "redis backend wait_completed", exc) from exc
                 time.sleep(backoff if left is None else min(backoff, left))
                 backoff = min(backoff * 2, 1.0)
                 continue
             except RedisError as exc:
                 self._drop(sub)
-                raise BackendError(f"redis backend wait_completed: {type(exc).__name__}: {exc}") from exc
+                raise reworded(BackendError, "redis backend wait_completed", exc) from exc
             except BaseException:
                 self._drop(sub)  # interrupted mid-read: the connections' state is unknown
                 raise

@@ -39,20 +39,20 @@ from machinery.drivers.capabilities import (
     Leases,
 )
 from machinery.drivers.redis import scripts as lua
+from machinery.drivers.redis.blocking import BlockingClient
 from machinery.drivers.redis.client import (
     Batch,
-    BlockingClient,
     Client,
     Clients,
     Lane,
     cancel_requested,
-    parse_redis_url,
     same_slot,
     tagged,
     wrap_blocking_errors,
     wrap_errors,
 )
 from machinery.drivers.redis.landing import Landings
+from machinery.drivers.redis.url import parse_redis_url
 from machinery.errors import BrokerError
 from machinery.log import get_logger
 from machinery.loops import PerLoop
