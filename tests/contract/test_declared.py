@@ -88,12 +88,13 @@ async def test_pairing_declares_what_it_implements(name: str, tmp_path: Path) ->
         await pair.aclose()
 
 
-def test_drivers_of_a_top_level_module_pair_with_nothing() -> None:
+def test_drivers_outside_the_registrys_packages_pair_with_nothing() -> None:
     class Loose(Capable):
         pass
 
-    Loose.__module__ = "loose_driver"  # no package to ask
     loose: Any = Loose()
-    assert find_pairing(loose, loose) is None
+    for module in ("loose_driver", "myapp.drivers", "machinery.drivers.nowhere.broker"):
+        Loose.__module__ = module  # no package of the registry to ask
+        assert find_pairing(loose, loose) is None
     assert capability_of(None, Capable) is None
     assert loose.capability(Capable) is loose

@@ -199,9 +199,10 @@ class Pairing(Capable):
     a state and its ack in one script, on one server).
 
     machinery.drivers.registry.find_pairing(broker, backend) asks the broker's driver package,
-    then the backend's: a package offers pairings with a module `pairing.py` whose function
-    `pair(broker, backend) -> Pairing | None` recognises its own drivers. A pairing declares
-    JointSend, JointCommit and BlockingSend as a driver declares its capabilities.
+    then the backend's (packages of the registry's scheme tables): a package offers pairings with
+    a module `pairing.py` whose function `pair(broker, backend) -> Pairing | None` recognises its
+    own drivers. A pairing declares JointSend, JointCommit and BlockingSend as a driver declares
+    its capabilities.
     """
 
 
