@@ -20,18 +20,14 @@ from machinery.drivers.capabilities import (
     BROKER_CAPABILITIES,
     PAIRING_CAPABILITIES,
     Capable,
+    Leases,
     capability_of,
+    interface,
 )
 from machinery.drivers.registry import find_pairing
 
 from .conftest import BACKEND_DRIVERS, BROKER_DRIVERS, Driver, Pair
 from .declared import BACKEND_DECLARES, BROKER_DECLARES, PAIRINGS, marks_of
-
-
-def interface(kind: type) -> set[str]:
-    """The public members a capability's class defines: its methods, properties and attributes."""
-    names = {n for n in vars(kind) if not n.startswith("_")}
-    return names | set(vars(kind).get("__annotations__", {}))
 
 
 def check(obj: Capable, kinds: tuple[type, ...], declared: frozenset[type], base: type) -> None:
@@ -98,3 +94,19 @@ def test_drivers_outside_the_registrys_packages_pair_with_nothing() -> None:
         assert find_pairing(loose, loose) is None
     assert capability_of(None, Capable) is None
     assert loose.capability(Capable) is loose
+
+
+def test_a_driver_class_that_implements_a_capability_without_declaring_it_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"Leases\.renew without declaring the capability"):
+        class Forgetful(Broker):  # renewals the worker would never make
+            async def renew(self, deliveries: Any) -> None: ...
+
+    with pytest.raises(TypeError, match=r"ResultWakeups\.poll_cap, ResultWakeups\.waiters"):
+        class Half(Backend):
+            poll_cap = 0.1
+            waiters: Any = None
+
+    class Declared(Broker, Leases):  # declared: accepted (instantiating it would need the primitives)
+        async def renew(self, deliveries: Any) -> None: ...
+
+    assert issubclass(Declared, Leases)

@@ -7,9 +7,9 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from machinery.drivers.capabilities import Capable, ResultWakeups
+from machinery.drivers.capabilities import BACKEND_CAPABILITIES, Capable, ResultWakeups, check_declared
 from machinery.portal import PortalUser
 from machinery.tasks.state import GroupMeta, TaskState
 
@@ -44,6 +44,10 @@ class Backend(PortalUser, Capable, ABC):
     def __init__(self, cnf: Config, url: str = "") -> None:
         self.cnf = cnf
         self.url = url
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_declared(cls, BACKEND_CAPABILITIES, Backend)
 
     @property
     def expire_in(self) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from machinery.drivers.capabilities import Capable, DelayedListing
+from machinery.drivers.capabilities import BROKER_CAPABILITIES, Capable, DelayedListing, check_declared
 from machinery.portal import PortalUser
 from machinery.tasks.signature import Signature, decode_signature
 
@@ -46,6 +46,10 @@ class Broker(PortalUser, Capable, ABC):
     def __init__(self, cnf: Config, url: str = "") -> None:
         self.cnf = cnf
         self.url = url
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_declared(cls, BROKER_CAPABILITIES, Broker)
 
     # --- primitives ------------------------------------------------------------------------
 

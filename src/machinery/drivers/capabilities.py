@@ -19,7 +19,7 @@ backend of one technology that share a server; its driver package finds it (see 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, TypeVar
 
@@ -46,6 +46,21 @@ class Capable:
 def capability_of(holder: Capable | None, kind: type[C]) -> C | None:
     """`holder.capability(kind)`, or None when there is no holder (no pairing, say)."""
     return None if holder is None else holder.capability(kind)
+
+
+def interface(kind: type) -> set[str]:
+    """The public members a capability's class defines: its methods, properties and attributes."""
+    return {n for n in vars(kind) if not n.startswith("_")} | set(vars(kind).get("__annotations__", {}))
+
+
+def check_declared(cls: type, kinds: Iterable[type], base: type) -> None:
+    """Refuse a driver class that implements part of a capability without declaring it: the core
+    would never use it (a renew() without Leases would leave long tasks to lapse)."""
+    stray = [f"{kind.__name__}.{name}" for kind in kinds if not issubclass(cls, kind)
+             for name in sorted(interface(kind)) if hasattr(cls, name) and not hasattr(base, name)]
+    if stray:
+        raise TypeError(f"{cls.__qualname__} defines {', '.join(stray)} without declaring the capability: "
+                        "inherit its class from machinery.drivers.capabilities")
 
 
 # --- broker capabilities ---------------------------------------------------------------------
