@@ -29,6 +29,7 @@ from machinery import (
     TaskContext,
     TaskError,
 )
+from machinery.drivers.capabilities import DeadLetterListing
 from machinery.errors import ArgTypeError
 from machinery.result import AsyncResult
 from machinery.tasks import gojson
@@ -311,7 +312,9 @@ class ScenarioSuite:
         server.portal.run(broker.publish(junk, b"[1, 2, 3]", None))
 
         def dead() -> list[tuple[bytes, str]]:
-            result: list[tuple[bytes, str]] = server.portal.run(broker.dead_letters())
+            listing = broker.capability(DeadLetterListing)
+            assert listing is not None, "every broker in the scenario suites lists its dead letters"
+            result: list[tuple[bytes, str]] = server.portal.run(listing.dead_letters())
             return result
 
         _wait_for(lambda: len(dead()) >= 2)

@@ -108,7 +108,7 @@ async def test_without_a_stored_state_the_zero_time_stays(backend: RedisBackend,
 
 
 async def test_set_states_is_one_round_trip(backend: RedisBackend) -> None:
-    client = await backend._client()
+    client = await backend.client()
     calls: list[str] = []
     pipeline = client.pipeline
     execute = client.execute_command

@@ -18,6 +18,7 @@ import redis
 
 from machinery import Config, Server, Signature
 from machinery.config import RedisConfig
+from machinery.drivers.capabilities import BlockingReads
 from machinery.drivers.redis.backend import RedisBackend
 from machinery.errors import BackendError, BrokerError, TimeoutError
 from machinery.tasks.state import PENDING, SUCCESS, TaskResult, TaskState, encode_state
@@ -267,9 +268,9 @@ def test_a_wait_outlives_a_server_restart(tmp_path: Path) -> None:
 
 def test_cluster_and_sentinel_take_the_asyncio_path() -> None:
     cluster = RedisBackend(Config(broker="redis://a:1,b:2", result_backend="redis://a:1,b:2"))
-    assert cluster.blocking_reads() is None
+    assert cluster.capability(BlockingReads) is None
     sentinel = Config(broker="redis://a:1", result_backend="redis://a:1", redis=RedisConfig(master_name="mymaster"))
-    assert RedisBackend(sentinel).blocking_reads() is None
+    assert RedisBackend(sentinel).capability(BlockingReads) is None
 
 
 def test_without_a_result_backend_a_send_is_one_rpush_in_the_callers_thread(raw: redis.Redis) -> None:

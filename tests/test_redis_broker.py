@@ -66,7 +66,7 @@ async def until_blocked(raw: aioredis.Redis, command: str = "blmove", timeout: f
 
 async def counted(broker: RedisBroker | Any) -> list[str]:
     """Record every command / pipeline the broker's client sends (one entry per round trip)."""
-    client = await broker._client()
+    client = await broker._clients.get()
     calls: list[str] = []
     execute, pipeline = client.execute_command, client.pipeline
 

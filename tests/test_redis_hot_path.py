@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,11 +17,13 @@ import redis.asyncio as aioredis
 
 from machinery import Chain, Config, Server, Signature
 from machinery.config import RedisConfig
-from machinery.drivers.backend import JointCommit
 from machinery.drivers.broker import Delivery
+from machinery.drivers.capabilities import JointCommit, JointSend, capability_of
 from machinery.drivers.redis import scripts as lua
-from machinery.drivers.redis.backend import COMMIT, COMMIT_LANDED, SEND_ONE, SET_PENDING, SET_STATES, RedisBackend
+from machinery.drivers.redis.backend import SET_PENDING, SET_STATES, RedisBackend
 from machinery.drivers.redis.broker import RedisBroker
+from machinery.drivers.redis.pairing import COMMIT, COMMIT_LANDED, SEND_ONE
+from machinery.drivers.registry import find_pairing
 from machinery.errors import BackendError
 from machinery.tasks.signature import encode_signature
 from machinery.tasks.state import RECEIVED, SUCCESS, TaskState
@@ -32,6 +34,8 @@ from test_redis_broker import counted, until_blocked
 pytestmark = pytest.mark.redis
 
 QUEUE = "machinery_tasks"
+#: the pairing's JointCommit.commit
+Commit = Callable[..., Awaitable[tuple[Exception | None, Exception | None, list[int]]]]
 INFLIGHT = "{machinery_tasks}:machinery:inflight"
 
 
@@ -56,13 +60,17 @@ async def broker(cnf: Config) -> AsyncIterator[RedisBroker]:
 
 
 @pytest.fixture
-async def joint(cnf: Config, broker: RedisBroker) -> AsyncIterator[tuple[RedisBackend, JointCommit]]:
-    """A Redis backend on the broker's server and its joint commit."""
+async def joint(cnf: Config, broker: RedisBroker) -> AsyncIterator[tuple[RedisBackend, Commit]]:
+    """A Redis backend on the broker's server and its pairing's joint commit."""
     backend = RedisBackend(cnf)
-    commit = backend.joint_commit(broker)
-    assert commit is not None
-    yield backend, commit
+    yield backend, joint_commit(broker, backend)
     await backend.close()
+
+
+def joint_commit(broker: RedisBroker, backend: RedisBackend) -> Commit:
+    joint = capability_of(find_pairing(broker, backend), JointCommit)
+    assert joint is not None
+    return joint.commit
 
 
 def body(i: int) -> bytes:
@@ -160,7 +168,7 @@ def landing_key(broker: RedisBroker) -> str:
 
 
 async def test_landed_task_done_quickly_is_committed_from_the_landing_list_without_a_claim(
-    joint: tuple[RedisBackend, JointCommit], broker: RedisBroker, raw: aioredis.Redis
+    joint: tuple[RedisBackend, Commit], broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
     backend, commit = joint
     await raw.script_load(COMMIT_LANDED.src)  # a fresh server loads it once: not counted here
@@ -186,7 +194,7 @@ async def test_landed_task_done_quickly_is_committed_from_the_landing_list_witho
 
 
 async def test_a_landed_message_acked_after_its_state_leaves_the_landing_list_without_a_claim(
-    joint: tuple[RedisBackend, JointCommit], broker: RedisBroker, raw: aioredis.Redis
+    joint: tuple[RedisBackend, Commit], broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
     """A task with follow-ups stores its state, sends them, then acks: that ack goes straight to
     the landing list too, and does not wait for company (the next fetch waits on it)."""
@@ -202,7 +210,7 @@ async def test_a_landed_message_acked_after_its_state_leaves_the_landing_list_wi
 
 
 async def test_landed_task_still_running_after_the_delay_is_claimed(
-    joint: tuple[RedisBackend, JointCommit], broker: RedisBroker, raw: aioredis.Redis
+    joint: tuple[RedisBackend, Commit], broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
     _, commit = joint
     d = await landed(broker, raw, 12, claim_delay=RedisBroker.landed_claim_delay)
@@ -219,7 +227,7 @@ async def test_landed_task_still_running_after_the_delay_is_claimed(
 
 
 async def test_a_landed_commit_that_fails_claims_the_message_and_keeps_it(
-    joint: tuple[RedisBackend, JointCommit], broker: RedisBroker, raw: aioredis.Redis
+    joint: tuple[RedisBackend, Commit], broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
     backend, commit = joint
     d = await landed(broker, raw, 13)
@@ -237,7 +245,7 @@ async def test_a_landed_commit_that_fails_claims_the_message_and_keeps_it(
 
 
 async def test_landed_commit_of_a_reaped_consumer_still_stores_the_state(
-    joint: tuple[RedisBackend, JointCommit], broker: RedisBroker, raw: aioredis.Redis
+    joint: tuple[RedisBackend, Commit], broker: RedisBroker, raw: aioredis.Redis
 ) -> None:
     """A consumer stalled past its deadline: another consumer's reaper put its landing list back
     on the queue, so the message runs again there; the late commit stores its state and removes
@@ -343,19 +351,17 @@ async def test_a_connection_limit_waits_or_fails_as_configured(raw: aioredis.Red
 
 async def test_no_joint_send_across_servers(cnf: Config, raw: aioredis.Redis) -> None:
     other = Config(broker=redis_url(), result_backend=redis_url(14))
-    backend = RedisBackend(other)
-    assert backend.joint_send(RedisBroker(other)) is None
-    assert RedisBackend(cnf).joint_send(RedisBroker(cnf)) is not None
+    assert capability_of(find_pairing(RedisBroker(other), RedisBackend(other)), JointSend) is None
+    assert capability_of(find_pairing(RedisBroker(cnf), RedisBackend(cnf)), JointSend) is not None
 
 
 async def joint_commit_with_two_claimed(
     cnf: Config, broker: RedisBroker, raw: aioredis.Redis
-) -> tuple[RedisBackend, JointCommit, list[Delivery], list[str], TaskState]:
+) -> tuple[RedisBackend, Commit, list[Delivery], list[str], TaskState]:
     """A backend's joint commit, two claimed messages (tasks 7 and 8), a call counter started after
     COMMIT is loaded, and task 7's SUCCESS state."""
     backend = RedisBackend(cnf)
-    commit = backend.joint_commit(broker)
-    assert commit is not None
+    commit = joint_commit(broker, backend)
     await raw.rpush(QUEUE, body(7), body(8))
     got = await broker.fetch(QUEUE, 10, 0.0)
     assert await raw.hlen(INFLIGHT) == 2

@@ -6,7 +6,8 @@ import pytest
 from redis.crc import key_slot
 
 from machinery.config import Config, RedisConfig
-from machinery.drivers.redis.client import RedisTarget, parse_redis_url, tagged
+from machinery.drivers.redis.client import tagged
+from machinery.drivers.redis.url import RedisTarget, parse_redis_url
 from machinery.drivers.registry import make_backend, make_broker
 from machinery.errors import ConfigError
 

@@ -5,8 +5,8 @@ follows load: one round trip per task when idle, one per hundreds of tasks when 
 coalesced per task (STARTED queued but not yet written is replaced by SUCCESS). An ack goes out
 only once its task's final state is stored: queued by the worker after that state was flushed, or
 paired with the state (store(state, ack)). A pair goes in one atomic call when broker and backend
-share a server (a joint commit) and its claim has settled; otherwise its ack goes with the next
-flush, alongside that flush's states.
+share a server (their pairing's JointCommit) and its claim has settled; otherwise its ack goes with
+the next flush, alongside that flush's states.
 """
 
 from __future__ import annotations
@@ -15,17 +15,15 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
+from machinery.drivers.capabilities import EarlyHandout
 from machinery.errors import UsageError
 from machinery.log import get_logger
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from machinery.drivers.backend import Backend
-    from machinery.drivers.broker import Broker, Delivery, PublishItem
+    from machinery.drivers.broker import Broker, Delivery
+    from machinery.drivers.capabilities import JointCommit, Send
     from machinery.tasks.state import TaskState
-
-    Send = tuple[Sequence[TaskState], Sequence[PublishItem]]
 
 
 class Committer:
@@ -35,7 +33,7 @@ class Committer:
     #: (a joint commit): when tasks trickle in, each task then costs one write less
     ack_linger = 0.02
 
-    def __init__(self, backend: Backend, broker: Broker) -> None:
+    def __init__(self, backend: Backend, broker: Broker, joint: JointCommit | None = None) -> None:
         self._backend = backend
         self._broker = broker
         self._states: dict[str, TaskState] = {}
@@ -51,7 +49,8 @@ class Committer:
         self._state_queued = asyncio.Event()
         self._draining = False
         self._closed = False
-        self._joint = backend.joint_commit(broker)
+        self._joint = joint
+        self._early = broker.capability(EarlyHandout)
         #: store() takes follow-up sends (one round trip with the state they follow)
         self.carries_sends = self._joint is not None
 
@@ -90,7 +89,7 @@ class Committer:
         while True:
             await self._wake.wait()
             if (self._joint is not None and self._acks and not self._states and not self._draining
-                    and not any(self._broker.unclaimed(d) for d in self._acks)):
+                    and not self._unclaimed(self._acks)):
                 self._state_queued.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.ack_linger):
@@ -108,7 +107,7 @@ class Committer:
                     continue
                 d, *more = ds
                 deferred.extend(more)  # one pair per state: the others are acked once it is stored
-                if self._joint is not None and self._broker.hold(d):
+                if self._joint is not None and (self._early is None or self._early.hold(d)):
                     pairs.append((st, d))
                 else:  # two stores (acking now would add a round trip to this flush), or a
                     deferred.append(d)  # claim still running (waiting for it would hold the state back)
@@ -117,7 +116,7 @@ class Committer:
             # The acks queued here belong to tasks whose final states an earlier flush stored, so
             # both writes go out at once: one round trip per flush, not two.
             if self._joint is not None and (states or acks):
-                stored, acked, unsent = await self._joint(plain, acks, pairs, sends)
+                stored, acked, unsent = await self._joint.commit(plain, acks, pairs, sends)
                 sends = [sends[i] for i in unsent]  # those that went out are not sent again
             elif states and acks:
                 stored, acked = await asyncio.gather(self._store(states), self._ack(acks))
@@ -144,6 +143,10 @@ class Committer:
             delay = 0.05
             if not self._states and not self._acks and not self._paired:
                 self._idle.set()
+
+    def _unclaimed(self, acks: list[Delivery]) -> bool:
+        early = self._early
+        return early is not None and any(early.unclaimed(d) for d in acks)
 
     async def _store(self, states: dict[str, TaskState]) -> Exception | None:
         if states:

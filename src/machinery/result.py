@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
+from machinery.drivers.capabilities import BlockingReads
 from machinery.errors import ServerClosedError, TaskError, TimeoutError
 from machinery.tasks.state import FAILURE, TaskState
 
@@ -77,7 +78,7 @@ class AsyncResult(Generic[R]):
 
     def get_state(self) -> TaskState | None:
         self._check_open()
-        reads = self._backend.blocking_reads()
+        reads = self._backend.capability(BlockingReads)
         if reads is None:
             result: TaskState | None = self._portal.run(self.aget_state())
             return result
@@ -108,7 +109,7 @@ class AsyncResult(Generic[R]):
         if self._state is not None and self._state.is_completed():
             return self._state
         self._check_open()
-        reads = self._backend.blocking_reads()
+        reads = self._backend.capability(BlockingReads)
         if reads is None or self._portal.in_portal():  # on the portal's own thread: its error
             result: TaskState = self._portal.run(self.await_state(timeout))
             return result

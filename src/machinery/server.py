@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, Unpack, 
 from machinery.config import Config
 from machinery.context import TaskContext
 from machinery.drivers import registry
+from machinery.drivers.capabilities import BlockingSend, ConditionalPending, JointSend, capability_of
 from machinery.errors import MachineryError, OptionError, ServerClosedError, TaskNotRegisteredError
 from machinery.log import get_logger
 from machinery.options import TaskDefaults, check_defaults
@@ -37,6 +38,7 @@ from machinery.tracing import Tracer
 if TYPE_CHECKING:
     from machinery.drivers.backend import Backend
     from machinery.drivers.broker import Broker, PublishItem
+    from machinery.drivers.capabilities import Pairing
     from machinery.drivers.lock import Lock
     from machinery.periodic import PeriodicScheduler
     from machinery.worker import Worker
@@ -124,8 +126,10 @@ class Server:
         self._lock = lock
         self._broker.attach(self.portal)
         self._backend.attach(self.portal)
-        self._joint_send = self._backend.joint_send(self._broker)
-        self._blocking_send = self._backend.blocking_send(self._broker)
+        self._pairing = registry.find_pairing(self._broker, self._backend)
+        self._pending = self._backend.capability(ConditionalPending)
+        self._joint_send = capability_of(self._pairing, JointSend)
+        self._blocking_send = capability_of(self._pairing, BlockingSend)
         self._tasks: dict[str, TaskSpec] = {}
         self._scheduler: PeriodicScheduler | None = None
         # resolved now, as the drivers resolve a relative SQLite path: against today's directory
@@ -216,6 +220,10 @@ class Server:
 
     def get_backend(self) -> Backend:
         return self._backend
+
+    def get_pairing(self) -> Pairing | None:
+        """What the broker and backend can do together (machinery.drivers.capabilities.Pairing)."""
+        return self._pairing
 
     def get_lock(self) -> Lock:
         if self._lock is None:
@@ -318,13 +326,13 @@ class Server:
                        groups: dict[str, list[str]]) -> None:
         for group_uuid, members in groups.items():
             await self._backend.init_group(group_uuid, members)
-        if self._backend.conditional_pending:
+        if self._pending is not None:  # PENDING may land after the worker's first state: publish at once
             if self._joint_send is not None:
-                await self._joint_send(states, items)
+                await self._joint_send.send(states, items)
             else:
-                await asyncio.gather(self._backend.set_pending(states), self._broker.publish_many(items))
+                await asyncio.gather(self._pending.set_pending(states), self._broker.publish_many(items))
         else:
-            await self._backend.set_pending(states)
+            await self._backend.set_states(states)
             await self._broker.publish_many(items)
 
     def _check_sends(self, sigs: Iterable[Signature]) -> None:
@@ -352,11 +360,11 @@ class Server:
             result: AsyncResult[Any] = self.portal.run(self.asend_task(sig))
             return result
         self._check_sends((sig,))
-        # In the caller's thread where the driver can (see Backend.blocking_send): one command,
+        # In the caller's thread where the drivers can (see capabilities.BlockingSend): one command,
         # without the hand-over to the portal's thread, which costs more than the command.
         with self.tracing.send("SendTask", [sig]):
             states, items, _ = self._plan([sig], False)
-            if not send(states[0], items[0]):
+            if not send.send_blocking(states[0], items[0]):
                 self.portal.run(self._publish(states, items, {}))
         return AsyncResult(sig, self._backend, self.portal)
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from machinery import loops, workflows
 from machinery.committer import Committer
 from machinery.context import RETRIES_HEADER, TaskContext, retries_done
+from machinery.drivers.capabilities import EarlyHandout, JointCommit, Leases, Pairing, capability_of
 from machinery.errors import (
     ArgTypeError,
     BackendError,
@@ -87,6 +88,8 @@ class Host(Protocol):
 
     def get_backend(self) -> Backend: ...
 
+    def get_pairing(self) -> Pairing | None: ...
+
     def where(self) -> str: ...
 
     def encode(self, sig: Signature) -> bytes: ...
@@ -122,6 +125,7 @@ class Worker:
         self._slot_freed: asyncio.Event | None = None
         self._pool: SyncRunner | None = None
         self._committer: Committer | None = None
+        self._early: EarlyHandout | None = None
         self.processed = 0
         self.aborted = False
         """True after an abrupt stop: sync tasks may still be running in abandoned threads."""
@@ -226,7 +230,8 @@ class Worker:
         threads = self.concurrency or UNLIMITED_THREADS
         self._pool = SyncRunner(loop, threads, f"machinery-{self.tag}")
         broker, backend = self.server.get_broker(), self.server.get_backend()
-        self._committer = Committer(backend, broker)
+        self._committer = Committer(backend, broker, capability_of(self.server.get_pairing(), JointCommit))
+        self._early = broker.capability(EarlyHandout)
         if _signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal)
@@ -348,17 +353,16 @@ class Worker:
             get_logger().error("internal error handling a message: %r", task.exception())
 
     async def _renew_loop(self) -> None:
-        broker = self.server.get_broker()
-        lease = broker.lease_seconds
-        if not lease:
+        leases = self.server.get_broker().capability(Leases)
+        if leases is None:
             return
-        interval = max(0.05, lease / 3)
+        interval = max(0.05, leases.lease_seconds / 3)
         while True:
             await asyncio.sleep(interval)
             active = list(self._active.values())
             if active:
                 try:
-                    await broker.renew(active)
+                    await leases.renew(active)
                 except Exception as exc:
                     get_logger().error("renewing %d leases failed: %s", len(active), exc)
 
@@ -480,7 +484,8 @@ class Worker:
             try:
                 committer.put_state(TaskState(sig.uuid, STARTED, task_name=sig.name))
                 if spec.wants_context:
-                    await self.server.get_broker().settle([d])
+                    if self._early is not None:  # the context carries the claim's attempt count
+                        await self._early.settle([d])
                     args.insert(0, TaskContext(sig, self.tag, d.attempts, d.redelivered,
                                                reporter=self._progress_reporter(d, sig)))
                 if self._pre_task is not None:
@@ -519,7 +524,8 @@ class Worker:
         if plan is not None:  # a chain's next link: sent right after this state, one round trip
             await self._committer.store(state, send=plan)
         else:
-            self.server.get_broker().claim_soon(d)  # its ack waits for more round trips: claim it meanwhile
+            if self._early is not None:  # its ack waits for more round trips: claim it meanwhile
+                self._early.claim_soon(d)
             await self._committer.store(state)
             if follow:
                 await self.server.dispatch(follow, init_groups=True)

@@ -18,6 +18,8 @@ one entry to BROKER_DRIVERS / BACKEND_DRIVERS / LOCK_DRIVERS, e.g.
 
     BROKER_DRIVERS["redis"] = DriverSpec(_redis_broker, marks=(pytest.mark.redis,))
 
+then list the capabilities it declares in declared.py: the capability suites run on it from there.
+
 Rules for a factory: calling it several times with the same `env` must give independent clients of
 the SAME store (tests use that for "another process/client"); honour `env.lease_seconds` when the
 broker has leases; keep keys/queues of different tests apart with `env.namespace`.
@@ -69,8 +71,9 @@ class DriverSpec(Generic[T]):
     #: documented deviations a contract test adapts to explicitly (never a silent skip), e.g.
     #: "push_consumer": deliveries are pushed to live consumers, so a requeued message may go back to
     #: the client that requeued it rather than to another one (RabbitMQ round-robin).
-    #: "no_listing": pending() and delayed() cannot list messages without receiving them and always
-    #: return [] (SQS); the tests expect [] there and check the messages by fetching them instead.
+    #: "no_listing": pending() cannot list messages without receiving them and always returns []
+    #: (SQS); the tests expect [] there and check the messages by fetching them instead. (Listing
+    #: delayed messages is a capability, DelayedListing: see declared.py.)
     #: "no_state_merge": a later state is stored as given, so one without a CreatedAt reads back
     #: without one instead of keeping PENDING's (AMQP: each state is a message in the task's queue).
     #: "no_pending_fill": set_pending leaves a state the worker stored first exactly as it is, so that
@@ -399,9 +402,9 @@ BROKER_DRIVERS: dict[str, DriverSpec[Broker]] = {
     "amqp": DriverSpec(_amqp_broker, marks=(pytest.mark.amqp,), caps=frozenset({"push_consumer"})),
     "redis": DriverSpec(_redis_broker(cluster=False), marks=(pytest.mark.redis,)),
     "redis-cluster": DriverSpec(_redis_broker(cluster=True), marks=(pytest.mark.redis,)),
-    # SQS can only list messages by receiving them: pending() and delayed() always return []
+    # SQS can only list messages by receiving them: pending() always returns []
     "sqs": DriverSpec(_sqs_broker, caps=frozenset({"no_listing"})),
-    # Pub/Sub cannot list a subscription without receiving: pending() and delayed() always return []
+    # Pub/Sub cannot list a subscription without receiving: pending() always returns []
     "gcppubsub": DriverSpec(_pubsub_broker, marks=(pytest.mark.gcppubsub,), caps=frozenset({"no_listing"})),
 }
 BACKEND_DRIVERS: dict[str, DriverSpec[Backend]] = {
@@ -502,3 +505,58 @@ async def lock_driver(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
 @pytest.fixture
 async def lock(lock_driver: Driver[Lock]) -> Lock:
     return await lock_driver.open()
+
+
+# --- capability suites: a driver named by the test's parameter (see declared.py) --------------
+
+
+@pytest.fixture
+async def broker_of(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Driver[Broker]]:
+    """The broker driver named by the test's (indirect) `broker_of` parameter."""
+    driver = Driver(request.param, BROKER_DRIVERS[request.param], tmp_path)
+    yield driver
+    await driver.aclose()
+
+
+@pytest.fixture
+async def backend_of(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Driver[Backend]]:
+    """The backend driver named by the test's (indirect) `backend_of` parameter."""
+    driver = Driver(request.param, BACKEND_DRIVERS[request.param], tmp_path)
+    yield driver
+    await driver.aclose()
+
+
+class Pair:
+    """A broker driver and a backend driver (or the null backend) under test together."""
+
+    def __init__(self, name: str, broker: str, backend: str, tmp_path: Path) -> None:
+        self.name = name
+        self.broker_driver = Driver(broker, BROKER_DRIVERS[broker], tmp_path / "broker")
+        self.backend_driver = (
+            None if backend == "null" else Driver(backend, BACKEND_DRIVERS[backend], tmp_path / "backend"))
+
+    async def open(self) -> tuple[Broker, Backend]:
+        from machinery.drivers.memory.null import NullBackend
+
+        self.broker_driver.env.tmp_path.mkdir(exist_ok=True)
+        broker = await self.broker_driver.open()
+        if self.backend_driver is None:
+            return broker, NullBackend(self.broker_driver.env.cnf, "null://")
+        self.backend_driver.env.tmp_path.mkdir(exist_ok=True)
+        return broker, await self.backend_driver.open()
+
+    async def aclose(self) -> None:
+        await self.broker_driver.aclose()
+        if self.backend_driver is not None:
+            await self.backend_driver.aclose()
+
+
+@pytest.fixture
+async def pair_of(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Pair]:
+    """The broker and backend of the pairing named by the test's (indirect) `pair_of` parameter."""
+    from .declared import PAIRINGS
+
+    spec = PAIRINGS[request.param]
+    pair = Pair(request.param, spec.broker, spec.backend, tmp_path)
+    yield pair
+    await pair.aclose()

@@ -6,18 +6,30 @@ import asyncio
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
 
 from machinery.drivers.backend import Backend, GroupProgress
+from machinery.drivers.capabilities import BlockingReads, ConditionalPending
 from machinery.tasks.state import FAILURE, PENDING, RECEIVED, STARTED, SUCCESS, TaskResult, TaskState
 
-from .conftest import Driver
+from .conftest import BACKEND_DRIVERS, Driver
+from .declared import BACKEND_DECLARES
 
 PROMPT = 2.0
 
 
 def new_uuid() -> str:
     return f"task_{uuid.uuid4()}"
+
+
+async def store_pending(backend: Backend, states: list[TaskState]) -> None:
+    """Store PENDING as a send does: set_pending() with ConditionalPending, else set_states()."""
+    conditional = backend.capability(ConditionalPending)
+    await (backend.set_states(states) if conditional is None else conditional.set_pending(states))
 
 
 def success(task_uuid: str, *results: TaskResult) -> TaskState:
@@ -84,7 +96,7 @@ async def test_later_states_keep_created_at(backend_driver: Driver[Backend], bac
     created = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
     # drivers that store states as given (see "no_state_merge" in conftest) read back no CreatedAt
     kept = None if "no_state_merge" in backend_driver.caps else created
-    await backend.set_pending([TaskState(task, PENDING, task_name="add", created_at=created)])
+    await store_pending(backend, [TaskState(task, PENDING, task_name="add", created_at=created)])
     pending = await backend.get_state(task)
     assert pending is not None and pending.created_at == created
     await backend.set_states([TaskState(lone, RECEIVED, task_name="add"), TaskState(task, RECEIVED, task_name="add")])
@@ -101,25 +113,6 @@ async def test_later_states_keep_created_at(backend_driver: Driver[Backend], bac
     await backend.set_state(TaskState(task, FAILURE, task_name="add", error="boom", created_at=own))
     state = await backend.get_state(task)
     assert state is not None and state.state == FAILURE and state.created_at == own
-
-
-async def test_pending_stored_after_the_workers_first_state_adds_its_created_at(
-    backend_driver: Driver[Backend], backend: Backend
-) -> None:
-    """A conditional_pending send stores PENDING while it publishes, so the worker's RECEIVED may
-    land first: PENDING must not replace it, but still hands it the CreatedAt only PENDING has."""
-    task = new_uuid()
-    created = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
-    await backend.set_state(TaskState(task, RECEIVED, task_name="add"))
-    await backend.set_pending([TaskState(task, PENDING, task_name="add", created_at=created)])
-    got = await backend.get_state(task)
-    assert got is not None
-    if not backend.conditional_pending:  # PENDING is stored before the publish: nothing precedes it
-        assert got.state == PENDING and got.created_at == created
-    elif "no_pending_fill" in backend_driver.caps:
-        assert got.state == RECEIVED and got.created_at is None
-    else:
-        assert got.state == RECEIVED and got.created_at == created
 
 
 async def test_states_are_visible_to_another_client(backend_driver: Driver[Backend], backend: Backend) -> None:
@@ -292,10 +285,58 @@ async def test_results_expire(backend_driver: Driver[Backend]) -> None:
     assert await backend.trigger_chord(group) is False
 
 
-# --- waiting ---------------------------------------------------------------------------------
+# --- reading and waiting, through each face ------------------------------------------------
 
 
-async def test_wait_completed_returns_promptly_on_completion(backend: Backend) -> None:
+class Face:
+    """How a caller reads states: the asyncio face (the backend's coroutines), or the blocking one
+    (BlockingReads, called in a thread of its own, as the sync facade calls it)."""
+
+    def __init__(self, backend: Backend, name: str) -> None:
+        self.name = name
+        self._backend = backend
+        self._blocking = backend.capability(BlockingReads)
+        assert name == "asyncio" or self._blocking is not None
+
+    async def get_state(self, task_uuid: str) -> TaskState | None:
+        if self._blocking is None or self.name == "asyncio":
+            return await self._backend.get_state(task_uuid)
+        return await asyncio.to_thread(self._blocking.get_state, task_uuid)
+
+    async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
+        if self._blocking is None or self.name == "asyncio":
+            return await self._backend.wait_completed(task_uuid, timeout)
+        return await asyncio.to_thread(self._blocking.wait_completed, task_uuid, timeout)
+
+
+FACES = [
+    pytest.param((name, face), marks=spec.marks, id=f"{name}-{face}")
+    for name, spec in BACKEND_DRIVERS.items()
+    for face in ("asyncio", *(("blocking",) if BlockingReads in BACKEND_DECLARES[name] else ()))
+]
+
+
+@pytest.fixture(params=FACES)
+async def faced(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Driver[Backend], Backend, Face]]:
+    """A backend driver, a client of it, and a face to read it through."""
+    name, face = request.param
+    driver = Driver(name, BACKEND_DRIVERS[name], tmp_path)
+    backend = await driver.open()
+    yield driver, backend, Face(backend, face)
+    await driver.aclose()
+
+
+async def test_get_state_reads_what_was_stored(faced: tuple[Driver[Backend], Backend, Face]) -> None:
+    driver, _, face = faced
+    other = await driver.open()
+    state = success(new_uuid(), TaskResult("int64", 2), TaskResult("string", "héllo <&>"))
+    await other.set_state(state)
+    assert await face.get_state(state.task_uuid) == state
+    assert await face.get_state(new_uuid()) is None
+
+
+async def test_wait_completed_returns_promptly_on_completion(faced: tuple[Driver[Backend], Backend, Face]) -> None:
+    _, backend, face = faced
     task = new_uuid()
     final = success(task, TaskResult("int64", 3))
 
@@ -307,14 +348,15 @@ async def test_wait_completed_returns_promptly_on_completion(backend: Backend) -
 
     writer = asyncio.create_task(finish())
     start = time.monotonic()
-    got = await backend.wait_completed(task, 10.0)
+    got = await face.wait_completed(task, 10.0)
     assert got == final
     assert time.monotonic() - start < PROMPT
     await writer
 
 
-async def test_wait_completed_sees_another_clients_write(backend_driver: Driver[Backend], backend: Backend) -> None:
-    other = await backend_driver.open()
+async def test_wait_completed_sees_another_clients_write(faced: tuple[Driver[Backend], Backend, Face]) -> None:
+    driver, _, face = faced
+    other = await driver.open()
     task = new_uuid()
     final = TaskState(task, FAILURE, task_name="boom", error="boom")
 
@@ -324,20 +366,22 @@ async def test_wait_completed_sees_another_clients_write(backend_driver: Driver[
 
     writer = asyncio.create_task(finish())
     start = time.monotonic()
-    assert await backend.wait_completed(task, 10.0) == final
+    assert await face.wait_completed(task, 10.0) == final
     assert time.monotonic() - start < PROMPT
     await writer
 
 
-async def test_wait_completed_returns_existing_final_state(backend: Backend) -> None:
+async def test_wait_completed_returns_existing_final_state(faced: tuple[Driver[Backend], Backend, Face]) -> None:
+    _, backend, face = faced
     final = success(new_uuid(), TaskResult("int64", 1))
     await backend.set_state(final)
     start = time.monotonic()
-    assert await backend.wait_completed(final.task_uuid, 5.0) == final
+    assert await face.wait_completed(final.task_uuid, 5.0) == final
     assert time.monotonic() - start < PROMPT
 
 
-async def test_wait_completed_without_timeout(backend: Backend) -> None:
+async def test_wait_completed_without_timeout(faced: tuple[Driver[Backend], Backend, Face]) -> None:
+    _, backend, face = faced
     task = new_uuid()
     final = success(task, TaskResult("int64", 9))
 
@@ -346,31 +390,18 @@ async def test_wait_completed_without_timeout(backend: Backend) -> None:
         await backend.set_state(final)
 
     writer = asyncio.create_task(finish())
-    assert await asyncio.wait_for(backend.wait_completed(task, None), 10.0) == final
+    assert await asyncio.wait_for(face.wait_completed(task, None), 10.0) == final
     await writer
 
 
-async def test_wait_completed_times_out_with_none(backend: Backend) -> None:
+async def test_wait_completed_times_out_with_none(faced: tuple[Driver[Backend], Backend, Face]) -> None:
+    _, backend, face = faced
     task = new_uuid()
     await backend.set_state(TaskState(task, STARTED, task_name="slow"))
     start = time.monotonic()
-    assert await backend.wait_completed(task, 0.4) is None
+    assert await face.wait_completed(task, 0.4) is None
     elapsed = time.monotonic() - start
     assert 0.35 <= elapsed < 0.4 + 1.0
     start = time.monotonic()
-    assert await backend.wait_completed(new_uuid(), 0.0) is None
+    assert await face.wait_completed(new_uuid(), 0.0) is None
     assert time.monotonic() - start < 1.0
-
-
-async def test_set_pending(backend: Backend) -> None:
-    """PENDING is stored for a new task; a conditional backend never lets it replace a later state."""
-    fresh, done = new_uuid(), new_uuid()
-    await backend.set_pending([TaskState(fresh, "PENDING", task_name="t")])
-    stored = await backend.get_state(fresh)
-    assert stored is not None and stored.state == "PENDING" and stored.task_name == "t"
-    await backend.set_state(success(done, TaskResult("int64", 1)))
-    await backend.set_pending([TaskState(done, "PENDING", task_name="t")])
-    after = await backend.get_state(done)
-    assert after is not None
-    if backend.conditional_pending:
-        assert after.state == "SUCCESS"

@@ -5,40 +5,20 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any
 
+from machinery.drivers.capabilities import BACKEND_CAPABILITIES, Capable, ResultWakeups, check_declared
 from machinery.portal import PortalUser
 from machinery.tasks.state import GroupMeta, TaskState
-from machinery.waiters import Waiters
 
 if TYPE_CHECKING:
     from machinery.config import Config
-    from machinery.drivers.broker import Broker, Delivery, PublishItem
+    from machinery.waiters import Waiters
 
-#: stores PENDING states and publishes messages together
-JointSend = Callable[[Sequence[TaskState], Sequence["PublishItem"]], Awaitable[None]]
-#: stores states and acks deliveries together, and each paired state with its delivery's ack
-#: atomically, then sends follow-up tasks (their PENDING states and messages) after the states in
-#: the same round trip; returns the error of each part (None = done; a failed pair or send counts
-#: as a state error) and the indices of the sends that may not have gone out (to send again)
-JointCommit = Callable[[Sequence[TaskState], Sequence["Delivery"], Sequence[tuple[TaskState, "Delivery"]],
-                        Sequence[tuple[Sequence[TaskState], Sequence["PublishItem"]]]],
-                       Awaitable[tuple[Exception | None, Exception | None, list[int]]]]
-
-#: sends one task (its PENDING state and its message) in the caller's thread, blocking; False
-#: means this task cannot go this way (a delayed one, say) and takes the asyncio path
-BlockingSend = Callable[[TaskState, "PublishItem"], bool]
-
-
-class BlockingReads(Protocol):
-    """Reads a sync caller makes in its own thread, blocking (see Backend.blocking_reads)."""
-
-    def get_state(self, task_uuid: str) -> TaskState | None: ...
-
-    def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None: ...
+#: longest pause between re-reads of the generic wait without ResultWakeups
+POLL_CAP = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,16 +34,20 @@ class GroupProgress:
     counted: bool
 
 
-class Backend(PortalUser, ABC):
-    """Stores states (Go's TaskState JSON where the store is Go-compatible) and group metadata."""
+class Backend(PortalUser, Capable, ABC):
+    """Stores states (Go's TaskState JSON where the store is Go-compatible) and group metadata.
 
-    #: True when set_pending() never overwrites a stored state: a send may then store PENDING and
-    #: publish at the same time (one round trip of latency instead of two).
-    conditional_pending: bool = False
+    The primitives below are the whole contract; what only some backends can do (conditional
+    PENDING, wake-ups, blocking reads) is a capability: see machinery.drivers.capabilities.
+    """
 
     def __init__(self, cnf: Config, url: str = "") -> None:
         self.cnf = cnf
         self.url = url
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_declared(cls, BACKEND_CAPABILITIES, Backend)
 
     @property
     def expire_in(self) -> int:
@@ -111,26 +95,6 @@ class Backend(PortalUser, ABC):
     async def close(self) -> None:
         """Release connections of the current event loop."""
 
-    def joint_send(self, broker: Broker) -> JointSend | None:
-        """A way to store PENDING states and publish in one round trip (conditional_pending
-        backends sharing a server with the broker); None means two calls, sent concurrently."""
-        return None
-
-    def joint_commit(self, broker: Broker) -> JointCommit | None:
-        """A way to store states and ack deliveries in one round trip, when this backend and the
-        broker share a server; None (the default) means two separate calls, sent concurrently."""
-        return None
-
-    def blocking_send(self, broker: Broker) -> BlockingSend | None:
-        """The sync facade's direct send of one task, without the portal's thread hop; None (the
-        default) sends through the portal. Drivers offer it where a blocking client is cheap."""
-        return None
-
-    def blocking_reads(self) -> BlockingReads | None:
-        """The sync facade's direct state reads and result waits; None (the default) reads
-        through the portal."""
-        return None
-
     # --- built on the primitives; drivers may override for speed ---------------------------
 
     async def set_state(self, state: TaskState) -> None:
@@ -139,55 +103,44 @@ class Backend(PortalUser, ABC):
     async def get_state(self, task_uuid: str) -> TaskState | None:
         return (await self.get_states([task_uuid]))[0]
 
-    async def set_pending(self, states: Sequence[TaskState]) -> None:
-        """Store the PENDING states of tasks being sent (drivers may store them only where absent)."""
-        await self.set_states(states)
-
-    #: same-process wake-ups: drivers that can notify local waiters on completion set this
-    local_waiters: Waiters | None = None
-    #: longest pause between re-reads while waiting; None = rely on wake-ups alone (in-process stores)
-    poll_cap: float | None = 0.05
-
-    def remote_wakeups(self) -> AbstractContextManager[bool]:
-        """While inside, other processes' writes also wake `local_waiters` when it yields True
-        (e.g. the SQLite doorbell); then re-reads are only a safety net, made poll_cap apart."""
-        return nullcontext(False)
-
     async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
         """Wait until the task is SUCCESS or FAILURE; None when the timeout passes first.
 
-        Re-reads with a back-off up to `poll_cap` (straight at `poll_cap` while remote wake-ups
-        work), and wakes at once on a write notified through `local_waiters`; drivers with a
-        server-side notification override it.
+        Re-reads with a back-off up to a cap; with ResultWakeups, wakes at once when this process
+        stores the state, and re-reads at the backend's poll_cap (straight at poll_cap while
+        remote wake-ups work). Drivers with a server-side notification override it.
         """
-        with self.remote_wakeups() as pushed:
-            return await self._wait_completed(task_uuid, timeout, pushed)
+        wakeups = self.capability(ResultWakeups)
+        if wakeups is None:
+            return await self._wait_completed(task_uuid, timeout, None, POLL_CAP, False)
+        with wakeups.remote_wakeups() as pushed:
+            return await self._wait_completed(task_uuid, timeout, wakeups.waiters, wakeups.poll_cap, pushed)
 
-    async def _wait_completed(self, task_uuid: str, timeout: float | None, pushed: bool) -> TaskState | None:
+    async def _wait_completed(self, task_uuid: str, timeout: float | None, waiters: Waiters | None,
+                              poll_cap: float | None, pushed: bool) -> TaskState | None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = (self.poll_cap if pushed else None) or 0.0005
-        waiters = self.local_waiters
+        delay = (poll_cap if pushed else None) or 0.0005
         while True:
             fut = waiters.register(task_uuid) if waiters is not None else None
             try:
                 state = await self.get_state(task_uuid)
                 if state is not None and state.is_completed():
                     return state
-                pause = self.poll_cap and delay
+                pause = poll_cap and delay
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return None
                     pause = min(pause, left) if pause else left
                 if fut is None:
-                    await asyncio.sleep(pause or 0.05)
+                    await asyncio.sleep(pause or POLL_CAP)
                 else:
                     try:
                         await asyncio.wait_for(asyncio.shield(fut), pause or None)
                     except TimeoutError:
                         pass
-                if self.poll_cap:
-                    delay = min(delay * 2, self.poll_cap)
+                if poll_cap:
+                    delay = min(delay * 2, poll_cap)
             finally:
                 if fut is not None and waiters is not None:
                     waiters.discard(task_uuid, fut)

@@ -8,10 +8,11 @@ any event loop (keep per-loop connections with `machinery.loops.PerLoop`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from machinery.drivers.capabilities import BROKER_CAPABILITIES, Capable, DelayedListing, check_declared
 from machinery.portal import PortalUser
 from machinery.tasks.signature import Signature, decode_signature
 
@@ -21,9 +22,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 #: what publish_many takes: the signature, its encoded body, and its ETA in Unix ns (None = now)
 PublishItem = tuple[Signature, bytes, int | None]
-#: publishes one message in the caller's thread, blocking; False means this one cannot go this way
-#: (a delayed one, say) and takes the asyncio path
-BlockingPublish = Callable[[PublishItem], bool]
 
 
 @dataclass(slots=True, eq=False)
@@ -38,15 +36,20 @@ class Delivery:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Broker(PortalUser, ABC):
-    """Moves encoded signatures between producers and workers."""
+class Broker(PortalUser, Capable, ABC):
+    """Moves encoded signatures between producers and workers.
 
-    #: seconds a fetched delivery stays claimed without renew(); None if the broker tracks liveness itself
-    lease_seconds: float | None = None
+    The primitives below are the whole contract; what only some brokers can do (leases, listing
+    delayed messages or dead letters, ...) is a capability: see machinery.drivers.capabilities.
+    """
 
     def __init__(self, cnf: Config, url: str = "") -> None:
         self.cnf = cnf
         self.url = url
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_declared(cls, BROKER_CAPABILITIES, Broker)
 
     # --- primitives ------------------------------------------------------------------------
 
@@ -79,49 +82,12 @@ class Broker(PortalUser, ABC):
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move an unusable message (undecodable, malformed) aside, keeping the reason."""
 
-    async def renew(self, deliveries: Sequence[Delivery]) -> None:
-        """Extend the claim on messages still being worked on (leased brokers)."""
-
-    async def settle(self, deliveries: Sequence[Delivery]) -> None:
-        """Wait until these deliveries are fully claimed (receipt and attempts known).
-
-        A driver may hand out a message before its claim completes so that the task starts a
-        round trip sooner; ack(), requeue(), renew() and dead_letter() settle by themselves.
-        """
-
-    def claim_soon(self, delivery: Delivery) -> None:
-        """Start the claim of a delivery handed out before it, without waiting: for a task whose
-        ack must wait for more than its state (follow-up sends), claimed meanwhile."""
-
-    def unclaimed(self, delivery: Delivery) -> bool:
-        """Whether the delivery was handed out before any claim and still has none (its ack then
-        holds up the next fetch, so it should not wait for company)."""
-        return False
-
-    def hold(self, delivery: Delivery) -> bool:
-        """Whether the delivery can be acked in a result backend's joint commit now, without
-        waiting for its claim; a driver may reserve it for that commit (see the Redis broker)."""
-        return True
-
     @abstractmethod
     async def pending(self, queue: str) -> list[bytes]:
         """The bodies waiting in `queue`, oldest first, without consuming them."""
 
-    async def delayed(self) -> list[bytes]:
-        """The bodies of messages held back by an ETA."""
-        return []
-
-    async def dead_letters(self) -> list[tuple[bytes, str]]:
-        """(body, reason) of dead-lettered messages, where the driver keeps them readable."""
-        return []
-
     async def close(self) -> None:
         """Release connections of the current event loop."""
-
-    def blocking_publish(self) -> BlockingPublish | None:
-        """The sync facade's direct publish of one message, without the portal's thread hop
-        (used when the result backend stores nothing); None (the default) goes through the portal."""
-        return None
 
     # --- conveniences built on the primitives ----------------------------------------------
 
@@ -133,8 +99,9 @@ class Broker(PortalUser, ABC):
         return self._run(self.aget_pending_tasks(queue))
 
     async def aget_delayed_tasks(self) -> list[Signature]:
-        return [decode_signature(b) for b in await self.delayed()]
+        listing = self.capability(DelayedListing)
+        return [] if listing is None else [decode_signature(b) for b in await listing.delayed()]
 
     def get_delayed_tasks(self) -> list[Signature]:
-        """Signatures held back until their ETA."""
+        """Signatures held back until their ETA ([] where the broker cannot list them: DelayedListing)."""
         return self._run(self.aget_delayed_tasks())

@@ -5,12 +5,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
+from machinery.drivers.capabilities import Capable
+
 if TYPE_CHECKING:
     from machinery.config import Config
 
 
-class Lock(ABC):
-    """A named lock that expires by itself at `expires_at_ns` (Unix nanoseconds)."""
+class Lock(Capable, ABC):
+    """A named lock that expires by itself at `expires_at_ns` (Unix nanoseconds). No lock
+    capability exists yet; capability() answers as for brokers and backends."""
 
     def __init__(self, cnf: Config, url: str = "") -> None:
         self.cnf = cnf
@@ -24,5 +27,5 @@ class Lock(ABC):
     async def release(self, key: str) -> None:
         """Give `key` up early."""
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         """Release connections of the current event loop."""

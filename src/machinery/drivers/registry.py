@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from machinery.config import Config
     from machinery.drivers.backend import Backend
     from machinery.drivers.broker import Broker
+    from machinery.drivers.capabilities import Pairing
     from machinery.drivers.lock import Lock
 
 Kind = Literal["broker", "backend", "lock"]
@@ -163,6 +164,32 @@ def describe(url: str) -> str:
     if url == "null":
         return "null (stores nothing)"
     return _redact(url)
+
+
+def find_pairing(broker: Broker, backend: Backend) -> Pairing | None:
+    """What this broker and backend can do together (see capabilities.Pairing), or None.
+
+    Asks the broker's driver package, then the backend's: a package of this registry that pairs
+    its drivers has a module `pairing` whose `pair(broker, backend)` recognises them. Drivers of
+    other packages (injected ones) pair with nothing.
+    """
+    asked: set[str] = set()
+    for driver in (broker, backend):
+        package = type(driver).__module__.rpartition(".")[0]
+        if package in asked or package not in _packages():
+            continue
+        asked.add(package)
+        if importlib.util.find_spec(f"{package}.pairing") is None:
+            continue
+        pairing: Pairing | None = importlib.import_module(f"{package}.pairing").pair(broker, backend)
+        if pairing is not None:
+            return pairing
+    return None
+
+
+def _packages() -> set[str]:
+    """The driver packages of the scheme tables ("machinery.drivers.redis", ...)."""
+    return {d.path.partition(":")[0].rpartition(".")[0] for table in _TABLES.values() for d in table.values()}
 
 
 def _redact(url: str) -> str:

@@ -29,7 +29,7 @@ worker never holds more unacked messages than it can run (`amqp.prefetch_count`,
 unlimited workers, is not needed). A consumer keeps its QoS window filled: pending() lists what this
 process holds but has not fetched, not what other processes hold; and a requeued message may come
 back to the same consumer. RabbitMQ redelivers the unacked messages of a dead connection itself
-(lease_seconds = None). It also takes a task away from a live worker whose ack is overdue by
+(no Leases capability). It also takes a task away from a live worker whose ack is overdue by
 `consumer_timeout` (30 min by default): consumers ask for `x-consumer-timeout` = `consumer_timeout`
 below (7 days), which RabbitMQ >= 3.11.15 honours; older servers need consumer_timeout raised in
 rabbitmq.conf, and we log an error naming it when it fires.
@@ -75,6 +75,7 @@ from machinery.drivers.amqp.consumer import (
     to_delivery,
 )
 from machinery.drivers.broker import Broker, Delivery
+from machinery.drivers.capabilities import DeadLetterListing, DelayedListing
 from machinery.errors import BrokerError
 from machinery.log import get_logger
 from machinery.loops import PerLoop
@@ -118,10 +119,8 @@ class _LoopState:
         self.consumers: dict[str, Consumer] = {}
 
 
-class AMQPBroker(Broker):
+class AMQPBroker(Broker, DelayedListing, DeadLetterListing):
     """Publishes with confirms, consumes with basic.consume and a bounded prefetch."""
-
-    lease_seconds = None
 
     def __init__(self, cnf: Config, url: str = "") -> None:
         super().__init__(cnf, url or cnf.broker)

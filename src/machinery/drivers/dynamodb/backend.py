@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from machinery.drivers.backend import Backend, GroupProgress
+from machinery.drivers.capabilities import ConditionalPending, ResultWakeups
 from machinery.drivers.dynamodb import items
 from machinery.drivers.dynamodb.client import (
     BACKEND_ERRORS,
@@ -62,10 +63,9 @@ MEMBER_PREFIX = "Done:"  # Done:<task uuid> = 1 if that member failed, else 0
 _FRESH = "attribute_not_exists(#K) OR (#T > :zero AND #T <= :now)"  # absent, or past its TTL
 
 
-class DynamoDBBackend(Backend):
+class DynamoDBBackend(Backend, ConditionalPending, ResultWakeups):
     """Go-compatible DynamoDB result backend with conditional writes for groups and chords."""
 
-    conditional_pending = True
     #: every read is a billed request: re-read a waited-on state at most this often
     poll_cap = 0.25
     #: parallel requests per event loop (the HTTP connection pool)
@@ -81,7 +81,11 @@ class DynamoDBBackend(Backend):
             if not table:
                 raise ConfigError(f"config field dynamodb.{field_name}: must not be empty")
         self._clients = Clients(session, self.target, self.max_connections)
-        self._waiters = self.local_waiters = Waiters()
+        self._waiters = Waiters()
+
+    @property
+    def waiters(self) -> Waiters:
+        return self._waiters
 
     # --- plumbing --------------------------------------------------------------------------
 

@@ -33,8 +33,8 @@ dead_letter() publishes the message to the topic `<default_queue>.dead_letters` 
 the attribute `machinery_reason` and acks the original; dead_letters() reads the subscription of
 the same name (briefly leasing its messages and giving them back).
 
-pending() and delayed() return []: Pub/Sub cannot list a subscription's messages without
-receiving them, and receiving would hide them from workers and count as delivery attempts.
+pending() returns [] and the broker has no DelayedListing: Pub/Sub cannot list a subscription's
+messages without receiving them, and receiving would hide them from workers and count as delivery attempts.
 Pub/Sub does not keep FIFO order either (the emulator mostly does).
 
 Topics and subscriptions must exist, as Go requires (a topic with no subscription drops what is
@@ -58,6 +58,7 @@ from google.api_core import exceptions as gexc
 from google.pubsub_v1.types import PubsubMessage, ReceivedMessage
 
 from machinery.drivers.broker import Broker, Delivery
+from machinery.drivers.capabilities import DeadLetterListing, Leases
 from machinery.drivers.gcppubsub.client import (
     MAX_DEADLINE,
     MIN_SUBSCRIPTION_DEADLINE,
@@ -108,7 +109,7 @@ KEEP_GRACE = 2.0
 _INSPECT_WAIT = 2.0  # an empty pull is trusted only after a long poll (a short one may miss messages)
 
 
-class PubSubBroker(Broker):
+class PubSubBroker(Broker, Leases, DeadLetterListing):
     """Publishes to topics, pulls from subscriptions; leases are ack deadlines."""
 
     def __init__(self, cnf: Config, url: str = "") -> None:
@@ -119,7 +120,7 @@ class PubSubBroker(Broker):
             raise ConfigError(f"config field default_queue: {cnf.default_queue!r} {problem} (it is the topic name)")
         self._client_kwargs = client_kwargs(cnf.gcppubsub.client)
         #: seconds a fetched message stays ours without renew() (sent rounded up to whole seconds)
-        self.lease_seconds: float | None = float(cnf.gcppubsub.lease_seconds)
+        self.lease_seconds = float(cnf.gcppubsub.lease_seconds)
         #: stop renewing a message this many seconds after it was fetched (0 = never stop)
         self.max_extension = float(cnf.gcppubsub.max_extension)
         #: create missing topics and subscriptions (default: only against the emulator)
@@ -194,7 +195,7 @@ class PubSubBroker(Broker):
         except BrokerError as exc:
             if not isinstance(exc.__cause__, gexc.AlreadyExists):
                 raise
-        deadline = max(MIN_SUBSCRIPTION_DEADLINE, ack_deadline(self.lease_seconds or 0))
+        deadline = max(MIN_SUBSCRIPTION_DEADLINE, ack_deadline(self.lease_seconds))
         request: dict[str, Any] = {"name": sub_path, "topic": topic_path, "ack_deadline_seconds": deadline}
         if topic != dead:
             request["dead_letter_policy"] = {

@@ -41,6 +41,7 @@ import aiomcache
 from aiomcache.exceptions import ClientException, ValidationException
 
 from machinery.drivers.backend import Backend, GroupProgress
+from machinery.drivers.capabilities import ConditionalPending, ResultWakeups
 from machinery.errors import BackendError, ConfigError, DecodeError
 from machinery.loops import PerLoop
 from machinery.tasks import gojson
@@ -156,10 +157,9 @@ async def _shielded(aw: Awaitable[T]) -> T:
         raise
 
 
-class MemcacheBackend(Backend):
+class MemcacheBackend(Backend, ConditionalPending, ResultWakeups):
     """Go-compatible memcache result backend with idempotent group counting and a CAS chord flag."""
 
-    conditional_pending = True
     #: connections per server and event loop
     pool_size = 4
     #: how long trigger_chord waits for a Go worker holding the group meta's Lock flag
@@ -169,7 +169,11 @@ class MemcacheBackend(Backend):
         super().__init__(cnf, url or cnf.result_backend)
         self.servers = parse_memcache_url(self.url)
         self._clients: PerLoop[list[Client]] = PerLoop()
-        self._waiters = self.local_waiters = Waiters()
+        self._waiters = Waiters()
+
+    @property
+    def waiters(self) -> Waiters:
+        return self._waiters
 
     # --- plumbing --------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from machinery.drivers.backend import Backend, GroupProgress
+from machinery.drivers.capabilities import ConditionalPending, ResultWakeups
 from machinery.tasks import gojson
 from machinery.tasks.state import PENDING, GroupMeta, TaskState
 from machinery.waiters import Waiters
@@ -30,8 +31,7 @@ class _Group:
         self.failed = 0
 
 
-class MemoryBackend(Backend):
-    conditional_pending = True
+class MemoryBackend(Backend, ConditionalPending, ResultWakeups):
     poll_cap = None  # every write goes through this object, so wake-ups alone are enough
 
     def __init__(self, cnf: Config, url: str = "memory://") -> None:
@@ -39,7 +39,11 @@ class MemoryBackend(Backend):
         self._lock = threading.Lock()
         self._states: dict[str, tuple[float, TaskState]] = {}
         self._groups: dict[str, tuple[float, _Group]] = {}
-        self._waiters = self.local_waiters = Waiters()
+        self._waiters = Waiters()
+
+    @property
+    def waiters(self) -> Waiters:
+        return self._waiters
 
     def _expiry(self) -> float:
         return time.monotonic() + self.expire_in

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from machinery.drivers.broker import Broker, Delivery
+from machinery.drivers.capabilities import DeadLetterListing, DelayedListing
 from machinery.tasks.signature import Signature
 from machinery.waiters import Waiters
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 _ANY = "*"
 
 
-class MemoryBroker(Broker):
+class MemoryBroker(Broker, DelayedListing, DeadLetterListing):
     """Queues in a dict; delayed messages in a heap; nothing survives the process."""
 
     def __init__(self, cnf: Config, url: str = "memory://") -> None:

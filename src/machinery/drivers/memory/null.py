@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from machinery.drivers.backend import Backend, BlockingSend, GroupProgress
+from machinery.drivers.backend import Backend, GroupProgress
 from machinery.tasks.state import GroupMeta, TaskState
-
-if TYPE_CHECKING:
-    from machinery.drivers.broker import Broker
 
 
 class NullBackend(Backend):
-    """Stores nothing (`null` URL): results cannot be read and chords cannot work."""
-
-    def blocking_send(self, broker: Broker) -> BlockingSend | None:
-        """Nothing to store: a send is the broker's direct publish, where it has one."""
-        publish = broker.blocking_publish()
-        if publish is None:
-            return None
-        return lambda _state, item: publish(item)
+    """Stores nothing (`null` URL): results cannot be read and chords cannot work. Paired with a
+    broker that has BlockingPublish, a sync send is that publish (see pairing.py)."""
 
     async def set_states(self, states: Sequence[TaskState]) -> None:
         return None

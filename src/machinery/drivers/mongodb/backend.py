@@ -40,6 +40,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from machinery.drivers.backend import Backend, GroupProgress
+from machinery.drivers.capabilities import ConditionalPending, ResultWakeups
 from machinery.drivers.mongodb import documents as docs
 from machinery.errors import BackendError, ConfigError
 from machinery.log import get_logger
@@ -107,10 +108,9 @@ class _LoopClient:
     owned: bool  # made here from the URL (closed by close()), not the configured mongodb.client
 
 
-class MongoBackend(Backend):
+class MongoBackend(Backend, ConditionalPending, ResultWakeups):
     """Go-compatible MongoDB result backend with conditional updates for groups and chords."""
 
-    conditional_pending = True
 
     def __init__(self, cnf: Config, url: str = "") -> None:
         super().__init__(cnf, url or cnf.result_backend)
@@ -124,7 +124,11 @@ class MongoBackend(Backend):
         self._clients: PerLoop[_LoopClient] = PerLoop()
         self._codec: CodecOptions[dict[str, Any]] = CodecOptions(document_class=dict, tz_aware=True, tzinfo=UTC)
         self._indexed = False
-        self._waiters = self.local_waiters = Waiters()
+        self._waiters = Waiters()
+
+    @property
+    def waiters(self) -> Waiters:
+        return self._waiters
 
     # --- plumbing --------------------------------------------------------------------------
 

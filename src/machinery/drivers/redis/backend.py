@@ -15,16 +15,10 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from machinery.drivers.backend import (
-    Backend,
-    BlockingReads,
-    BlockingSend,
-    GroupProgress,
-    JointCommit,
-    JointSend,
-)
+from machinery.drivers.backend import Backend, GroupProgress
+from machinery.drivers.capabilities import BlockingReads, ConditionalPending
 from machinery.drivers.redis.blocking import BlockingRedis
 from machinery.drivers.redis.client import (
     Batch,
@@ -32,13 +26,12 @@ from machinery.drivers.redis.client import (
     Clients,
     Lane,
     LuaScript,
-    cancel_requested,
-    parse_redis_url,
     tagged,
     wrap_errors,
 )
-from machinery.drivers.redis.notify import Notifier, Waiter
-from machinery.drivers.redis.scripts import ACK_FN
+from machinery.drivers.redis.notify import AsyncWaits
+from machinery.drivers.redis.url import parse_redis_url
+from machinery.drivers.redis.waits import CHANNEL_PREFIX
 from machinery.errors import BackendError
 from machinery.loops import PerLoop
 from machinery.tasks import gojson
@@ -54,10 +47,10 @@ from machinery.tasks.state import (
 
 if TYPE_CHECKING:
     from machinery.config import Config
-    from machinery.drivers.broker import Broker, Delivery, PublishItem
+
+C = TypeVar("C")
 
 CHORD_MUTEX = "TriggerChordMutex"  # Go's redsync mutex, one for all groups
-CHANNEL_PREFIX = "machinery:done:"
 _ZERO_TOKEN = gojson.encode(gojson.ZERO_TIME)
 _NAME_KEY = b'"TaskName":'
 _CREATED_KEY = b'"CreatedAt":'
@@ -85,7 +78,7 @@ end
 # the JSON cut in two at the CreatedAt value, which is Go's zero time unless one is stored; merging
 # TaskName, in five NUL-separated parts (head, name token, middle, created token, tail). One
 # argument per state keeps packing cheap.
-_STORE_FN = _RAW_STRING + """
+STORE_FN = _RAW_STRING + """
 local ZERO = '""" + _ZERO_TOKEN.decode() + """'
 local function store(ex, prefix, first, last, base)
   for i = first, last do
@@ -121,38 +114,9 @@ end
 """
 
 # KEYS: task uuids. ARGV: expiry, channel prefix, then one state argument per key (see store).
-SET_STATES = LuaScript(_STORE_FN + """
+SET_STATES = LuaScript(STORE_FN + """
 store(ARGV[1], ARGV[2], 1, #KEYS, 2)
 return #KEYS
-""")
-
-# A worker's commit of finished tasks, atomic: their final states, then their acks; an error in
-# a state write stops the script before any ack, so no message is released without its state.
-# KEYS: n task uuids, then the queue's inflight, leases and redelivered keys. ARGV: expiry,
-# channel prefix, n state arguments (see store), then the n delivery ids.
-COMMIT = LuaScript(_STORE_FN + ACK_FN + """
-local n = #KEYS - 3
-store(ARGV[1], ARGV[2], 1, n, 2)
-local ids = {}
-for i = n + 3, #ARGV do ids[#ids + 1] = ARGV[i] end
-ack(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], ids)
-return n
-""")
-
-# A worker's commit of tasks whose messages it never claimed (a blocked fetch's BLMOVE dropped each
-# in the consumer's landing list): their final states, then each message out of the landing list,
-# and the consumer's deadline renewed (only while it is registered: a reaped consumer's list is
-# already back on the queue, so its messages run again, as any lapsed claim's). KEYS: n task uuids,
-# then the landing list, consumers zset and queue. ARGV: expiry, channel prefix, n state arguments,
-# consumer id, lease ms, then the n message bodies. Returns the queue's length.
-COMMIT_LANDED = LuaScript(_STORE_FN + """
-local n = #KEYS - 3
-store(ARGV[1], ARGV[2], 1, n, 2)
-for i = n + 5, #ARGV do redis.call('LREM', KEYS[n + 1], 1, ARGV[i]) end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[n + 2], 'XX', now + tonumber(ARGV[n + 4]), ARGV[n + 3])
-return redis.call('LLEN', KEYS[n + 3])
 """)
 
 # KEYS: task uuids. ARGV: expiry, the state JSONs in KEYS order, each ended by a newline (encoded
@@ -166,16 +130,6 @@ for _, key in ipairs(KEYS) do
   p = q + 1
 end
 return #KEYS
-""")
-
-# KEYS: task uuid, queue. ARGV: expiry, PENDING JSON, message[, completion channel]. One task sent
-# in one command (a pipeline of SET and RPUSH costs redis-py about half a round trip more). With a
-# channel, returns its subscriber count: above 0, a subscription made before the send is in place.
-SEND_ONE = LuaScript("""
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1], 'NX')
-local n = redis.call('RPUSH', KEYS[2], ARGV[3])
-if ARGV[4] then return redis.call('PUBSUB', 'NUMSUB', ARGV[4])[2] end
-return n
 """)
 
 # KEYS: progress hash. ARGV: task uuid, failed (0/1), expiry. Returns {done, failed, counted}.
@@ -226,13 +180,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """)
 
-_wrap = wrap_errors(BackendError, "redis backend")
+#: redis-py errors become BackendError (also for the pairing's calls)
+wrap_backend = wrap_errors(BackendError, "redis backend")
+_wrap = wrap_backend
 
 
-class RedisBackend(Backend):
+class RedisBackend(Backend, ConditionalPending):
     """Go-compatible Redis result backend with atomic group counting and wake-on-completion."""
 
-    conditional_pending = True
     #: states per script call in standalone mode (the whole batch still goes in one round trip)
     chunk = 256
     #: PENDING states per script call in standalone mode (set_pending)
@@ -244,14 +199,27 @@ class RedisBackend(Backend):
         super().__init__(cnf, url or cnf.result_backend)
         self.target = parse_redis_url(self.url, cnf, "result_backend")
         self._clients = Clients(self.target, cnf)
-        self._notifiers: PerLoop[Notifier] = PerLoop()
+        #: the asyncio face of result waits, and of the pairing's one-task sends
+        self.waits = AsyncWaits(self._clients.get)
         self._cluster = self.target.cluster
-        self._blocking = BlockingRedis(self.target, cnf, CHANNEL_PREFIX)
+        #: the blocking face: BlockingReads, and the pairing's blocking send
+        self.blocking = BlockingRedis(self.target, cnf)
         self._lanes: PerLoop[Lane] = PerLoop()
         self._send_lanes: PerLoop[Lane] = PerLoop()  # one-task sends: no pool checkout per send
 
-    async def _client(self) -> Client:
+    async def client(self) -> Client:
+        """This event loop's pooled client."""
         return await self._clients.get()
+
+    async def commit_lane(self) -> Lane:
+        """This loop's connection for a worker's commits (the pairing's joint commit)."""
+        client = await self.client()
+        return self._lanes.get(lambda: Lane(client, self.target))
+
+    async def send_lane(self) -> Lane:
+        """This loop's connection for one-task sends: no pool checkout per send."""
+        client = await self.client()
+        return self._send_lanes.get(lambda: Lane(client, self.target))
 
     @staticmethod
     def _progress_key(group_uuid: str) -> str:
@@ -264,86 +232,19 @@ class RedisBackend(Backend):
         if not states:
             return
         batch = Batch()
-        self._state_ops(batch, states)
-        await batch.run(await self._client())
+        self.state_ops(batch, states)
+        await batch.run(await self.client())
 
-    def _state_ops(self, batch: Batch, states: Sequence[TaskState]) -> None:
+    def state_ops(self, batch: Batch, states: Sequence[TaskState]) -> None:
+        """Add the writes of these states to a batch (see STORE_FN; also the pairing's commits)."""
         head = [self.expire_in, CHANNEL_PREFIX]
         if self._cluster:  # every task key may live on another node: one script call each
             for s in states:
-                batch.script(SET_STATES, [s.task_uuid], [*head, _state_arg(s)])
+                batch.script(SET_STATES, [s.task_uuid], [*head, state_arg(s)])
         else:
             for i in range(0, len(states), self.chunk):
                 part = states[i:i + self.chunk]
-                batch.script(SET_STATES, [s.task_uuid for s in part], [*head, *map(_state_arg, part)])
-
-    def joint_commit(self, broker: Broker) -> JointCommit | None:
-        """States and acks in one pipeline when the broker is a Redis broker on the same server;
-        each paired state and its ack go in one script, so neither lands without the other."""
-        from machinery.drivers.redis.broker import RedisBroker
-
-        if not isinstance(broker, RedisBroker) or broker.target != self.target or self._cluster:
-            return None
-
-        async def commit(states: Sequence[TaskState], acks: Sequence[Delivery],
-                         paired: Sequence[tuple[TaskState, Delivery]] = (),
-                         sends: Sequence[tuple[Sequence[TaskState], Sequence[PublishItem]]] = ()
-                         ) -> tuple[Exception | None, Exception | None, list[int]]:
-            taken = broker.take_landed(acks)  # acked from the landing list, no claim first
-            if taken:
-                out = {id(d) for d in taken}
-                acks = [d for d in acks if id(d) not in out]
-            if acks or paired:
-                await broker.settle([*acks, *(d for _, d in paired)])
-            groups = broker.landed_groups(paired)
-            in_groups = {id(d) for _, _, items in groups for _, d in items}
-            # a pair whose message has no receipt and is not landed here has nothing to ack
-            loose = [s for s, d in paired if d.receipt is None and id(d) not in in_groups]
-            batch = Batch()
-            self._state_ops(batch, [*states, *loose] if loose else states)
-            head = [self.expire_in, CHANNEL_PREFIX]
-            for keys, pairs in broker.ack_groups(paired):
-                for i in range(0, len(pairs), self.chunk):
-                    part = pairs[i:i + self.chunk]
-                    batch.script(COMMIT, [*(s.task_uuid for s, _ in part), *keys],
-                                 [*head, *(_state_arg(s) for s, _ in part), *(r for _, r in part)])
-            landed: list[tuple[int, list[Delivery]]] = []  # batch index, its deliveries
-            for keys, args, items in groups:
-                landed.append((len(batch), [d for _, d in items]))
-                batch.script(COMMIT_LANDED, [*(s.task_uuid for s, _ in items), *keys],
-                             [*head, *(_state_arg(s) for s, _ in items), *args, *(d.body for _, d in items)])
-            spans = []  # each send's commands in the batch
-            for pending, messages in sends:  # follow-ups go out after the states they follow
-                start = len(batch)
-                self._pending_ops(batch, pending)
-                broker.publish_ops(batch, messages)
-                spans.append((start, len(batch)))
-            n = len(batch)  # the state writes and sends (results[n:] are acks only)
-            broker.ack_ops(batch, acks)
-            for keys, args, no_states in broker.landed_groups([(None, d) for d in taken]):
-                landed.append((len(batch), [d for _, d in no_states]))  # no state: just out of the landing list
-                batch.script(COMMIT_LANDED, keys, [*head, *args, *(d.body for _, d in no_states)])
-            try:
-                client = await self._client()
-                lane = self._lanes.get(lambda: Lane(client, self.target))  # the committer's own connection
-                results = await batch.run(client, raise_errors=False, lane=lane)
-            except Exception as exc:
-                for _, ds in landed:
-                    broker.landed_failed(ds)
-                return ((BackendError(f"redis backend: {exc}") if states or paired or sends else None),
-                        exc if acks or taken else None, list(range(len(sends))))
-            for i, ds in landed:
-                if isinstance(results[i], Exception):
-                    broker.landed_failed(ds)
-                else:
-                    broker.landed_committed(ds, int(results[i]))
-            failed_states = next((r for r in results[:n] if isinstance(r, Exception)), None)
-            failed_acks = next((r for r in results[n:] if isinstance(r, Exception)), None)
-            unsent = [i for i, (a, b) in enumerate(spans) if any(isinstance(r, Exception) for r in results[a:b])]
-            return (None if failed_states is None else BackendError(f"redis backend: {failed_states}"),
-                    failed_acks, unsent)
-
-        return commit
+                batch.script(SET_STATES, [s.task_uuid for s in part], [*head, *map(state_arg, part)])
 
     @_wrap
     async def set_pending(self, states: Sequence[TaskState]) -> None:
@@ -351,10 +252,11 @@ class RedisBackend(Backend):
         if not states:
             return
         batch = Batch()
-        self._pending_ops(batch, states)
-        await batch.run(await self._client())
+        self.pending_ops(batch, states)
+        await batch.run(await self.client())
 
-    def _pending_ops(self, batch: Batch, states: Sequence[TaskState]) -> None:
+    def pending_ops(self, batch: Batch, states: Sequence[TaskState]) -> None:
+        """Add SET NX writes of PENDING states to a batch (also the pairing's sends)."""
         ex = self.expire_in
         if self._cluster or len(states) == 1:  # cluster: every task key may live on another node
             for s in states:
@@ -370,54 +272,17 @@ class RedisBackend(Backend):
                 for s in part:
                     batch.command("SET", s.task_uuid, encode_state(s), "EX", ex, "NX")
 
-    def joint_send(self, broker: Broker) -> JointSend | None:
-        """PENDING states and the publish in one pipeline when the broker is on the same Redis."""
-        from machinery.drivers.redis.broker import RedisBroker
-
-        if not isinstance(broker, RedisBroker) or broker.target != self.target or self._cluster:
-            return None
-
-        @_wrap
-        async def send(states: Sequence[TaskState], items: Sequence[PublishItem]) -> None:
-            if len(states) == 1 and len(items) == 1 and (queue := broker.ready_queue(items[0])) is not None:
-                state = states[0]
-                client = await self._client()
-                lane = self._send_lanes.get(lambda: Lane(client, self.target))
-                await lane.script(SEND_ONE, [state.task_uuid, queue],
-                                  [self.expire_in, encode_state(state), items[0][1]])
-                return
-            batch = Batch()
-            self._pending_ops(batch, states)
-            broker.publish_ops(batch, items)
-            await batch.run(await self._client())
-
-        return send
-
-    def blocking_send(self, broker: Broker) -> BlockingSend | None:
-        """One ready task in one blocking script call (SEND_ONE, as on the asyncio path)."""
-        from machinery.drivers.redis.broker import RedisBroker
-
-        if not isinstance(broker, RedisBroker) or broker.target != self.target or not self._blocking.available:
-            return None
-        blocking = self._blocking
-
-        def send(state: TaskState, item: PublishItem) -> bool:
-            queue = broker.ready_queue(item)
-            if queue is None:
-                return False
-            blocking.send(SEND_ONE, [state.task_uuid, queue], [self.expire_in, encode_state(state), item[1]])
-            return True
-
-        return send
-
-    def blocking_reads(self) -> BlockingReads | None:
-        return self._blocking if self._blocking.available else None
+    def capability(self, kind: type[C]) -> C | None:
+        """BlockingReads on a standalone server (Sentinel and Cluster take the asyncio path)."""
+        if kind is BlockingReads:
+            return self.blocking if self.blocking.available and isinstance(self.blocking, kind) else None
+        return super().capability(kind)
 
     @_wrap
     async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
         if not task_uuids:
             return []
-        client = await self._client()
+        client = await self.client()
         if self._cluster:
             raw = await client.mget_nonatomic(list(task_uuids))
         else:
@@ -426,7 +291,7 @@ class RedisBackend(Backend):
 
     @_wrap
     async def purge_state(self, task_uuid: str) -> None:
-        client = await self._client()
+        client = await self.client()
         await client.delete(task_uuid)
 
     # --- groups ----------------------------------------------------------------------------
@@ -435,7 +300,7 @@ class RedisBackend(Backend):
     async def init_group(self, group_uuid: str, task_uuids: Sequence[str]) -> None:
         """Create the group; a live one keeps its progress (a redelivered parent may send it again)."""
         meta = GroupMeta(group_uuid, list(task_uuids), created_at=gojson.now())
-        client = await self._client()
+        client = await self.client()
         if await client.set(group_uuid, encode_group_meta(meta), ex=self.expire_in, nx=True):
             await client.delete(self._progress_key(group_uuid))  # left over from an expired namesake
         else:
@@ -443,20 +308,20 @@ class RedisBackend(Backend):
 
     @_wrap
     async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
-        client = await self._client()
+        client = await self.client()
         raw = await client.get(group_uuid)
         return decode_group_meta(raw) if raw is not None else None
 
     @_wrap
     async def group_member_done(self, group_uuid: str, task_uuid: str, total: int, failed: bool) -> GroupProgress:
-        client = await self._client()
+        client = await self.client()
         done, nfailed, counted = await MEMBER_DONE(
             client, [self._progress_key(group_uuid)], [task_uuid, int(failed), self.expire_in])
         return GroupProgress(int(done), int(nfailed), bool(counted))
 
     @_wrap
     async def trigger_chord(self, group_uuid: str) -> bool:
-        client = await self._client()
+        client = await self.client()
         token = uuid.uuid4().hex
         keys = [group_uuid, self._progress_key(group_uuid)]
         deadline = time.monotonic() + self.mutex_wait
@@ -479,75 +344,28 @@ class RedisBackend(Backend):
 
     @_wrap
     async def purge_group_meta(self, group_uuid: str) -> None:
-        client = await self._client()
+        client = await self.client()
         await client.delete(group_uuid, self._progress_key(group_uuid))
 
     # --- waiting ---------------------------------------------------------------------------
 
-    async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
-        """Woken by the PUBLISH that stores the final state; a backed-off re-read covers states
-        written by Go (which does not publish) and a lost pub/sub connection."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            async with asyncio.timeout(timeout):  # also bounds a hung connection
-                return await self._wait(task_uuid, deadline)
-        except TimeoutError:
-            return None
-
     @_wrap
-    async def _wait(self, task_uuid: str, deadline: float | None) -> TaskState | None:
-        client = await self._client()
-        notifier = self._notifiers.get(lambda: Notifier(client))
-        channel = (CHANNEL_PREFIX + task_uuid).encode()
-        waiter = Waiter()
-        # Subscribe, then read once the subscription is confirmed (the reader wakes the waiter):
-        # a state stored before that is read, one stored after is published to us. Reading at
-        # once as well would save a round trip only when the task is already done, and costs a
-        # read for every wait on a running task.
-        await notifier.add(channel, waiter)
-        try:
-            recheck = 0.25
-            while True:
-                step = recheck
-                if deadline is not None:
-                    step = min(step, deadline - time.monotonic())
-                    if step <= 0:  # one last look: the confirmation may not have come yet
-                        stored = await self.get_state(task_uuid)
-                        return stored if stored is not None and stored.is_completed() else None
-                try:
-                    async with asyncio.timeout(step):  # a timer; wait_for would add a Task per wait
-                        await waiter.event.wait()
-                except TimeoutError:
-                    if cancel_requested():  # the caller's own timeout or cancel, not our step
-                        raise
-                    recheck = min(recheck * 2, 1.0)
-                waiter.event.clear()
-                data, waiter.data = waiter.data, None
-                if data is not None:
-                    published = decode_state(data)
-                    if published.is_completed():
-                        return published
-                if cancel_requested():
-                    raise asyncio.CancelledError
-                stored = await self.get_state(task_uuid)
-                if stored is not None and stored.is_completed():
-                    return stored
-        finally:
-            notifier.remove(channel, waiter)
+    async def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
+        """Woken by the PUBLISH that stores the final state; re-reads cover states written by Go
+        (which does not publish) and a lost pub/sub connection (see waits.py)."""
+        return await self.waits.wait(task_uuid, timeout)
 
     async def close(self) -> None:
-        notifier = self._notifiers.pop_current()
-        if notifier is not None:
-            await notifier.close()
+        await self.waits.close()
         for lanes in (self._lanes, self._send_lanes):
             lane = lanes.pop_current()
             if lane is not None:
                 await lane.close()
         await self._clients.close()
-        self._blocking.close()
+        self.blocking.close()
 
 
-def _state_arg(s: TaskState) -> bytes:
+def state_arg(s: TaskState) -> bytes:
     """The script's argument for one state: a flag digit and the JSON, cut open (NUL-separated) at
     the TaskName and CreatedAt values that the script fills from the stored state."""
     flags = 4 if s.is_completed() else 0

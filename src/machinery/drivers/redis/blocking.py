@@ -1,34 +1,132 @@
-"""The sync facade's direct Redis calls: send one task, read a state, wait for a result.
+"""The blocking face of the Redis result backend: send one task, read a state, wait for a result,
+in the caller's thread.
 
 Other sync calls hand their coroutine to the portal's event-loop thread. For one short command
 that hand-over (two thread wake-ups, two GIL hand-overs) costs more CPU than the command itself:
 in our measurements it halves the cost of a sync send and cuts a third of the client's CPU per
 send-and-wait. These calls use redis-py's blocking client in the caller's thread instead, with
-the same scripts, keys, encodings and completion channel as the asyncio path, so either side
-reads what the other wrote. Standalone Redis only (TCP, Unix socket, TLS); Sentinel and Cluster
-take the asyncio path.
+the same scripts, keys and encodings as the asyncio face, and the same wait protocol (waits.py),
+so either face reads what the other wrote. Standalone Redis only (TCP, Unix socket, TLS);
+Sentinel and Cluster take the asyncio path.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from machinery.drivers.redis.client import BlockingClient, Client, LuaScript, wrap_blocking_errors
+from machinery.drivers.capabilities import BlockingReads
+from machinery.drivers.redis.client import (
+    UNLIMITED_CONNECTIONS,
+    Client,
+    LuaScript,
+    client_options,
+    reworded,
+    wrap_blocking_errors,
+)
+from machinery.drivers.redis.waits import Caller, Step, Wait, channel_of
 from machinery.errors import BackendError
 from machinery.tasks.state import TaskState, decode_state
 
 if TYPE_CHECKING:
     from machinery.config import Config
-    from machinery.drivers.redis.client import RedisTarget
+    from machinery.drivers.redis.url import RedisTarget
 
-#: seconds between re-reads of a waited-for state: states written by Go are not published
-RECHECK_FIRST, RECHECK_MAX = 0.25, 1.0
-#: how long the last look at the deadline may take (a state stored just before it still counts)
-LAST_LOOK = 0.1
+def create_blocking_client(t: RedisTarget, cnf: Config) -> Client:
+    """A blocking (thread-safe, pooled) redis-py client for a standalone server, for the sync
+    facade's direct calls (Sentinel and Cluster take the asyncio path)."""
+    import redis
+    from redis.retry import Retry
+
+    kwargs: dict[str, Any] = dict(client_options(t, cnf, Retry), db=t.db,
+                                  max_connections=cnf.redis.max_active or UNLIMITED_CONNECTIONS)
+    if t.socket_path:
+        pool = redis.ConnectionPool(connection_class=redis.UnixDomainSocketConnection, path=t.socket_path,
+                                    **kwargs)
+    else:
+        host, port = t.hosts[0]
+        base = _blocking_tls_class(cnf.tls) if t.tls else redis.Connection
+        pool = redis.ConnectionPool(host=host, port=port, connection_class=base, **kwargs)
+    return redis.Redis(connection_pool=pool)
+
+
+class BlockingClient:
+    """Blocking calls on one standalone server for the sync facade's direct calls, made on first
+    use. Each thread keeps its own connection: one command costs a write and a read, without
+    redis-py's per-command pool checkout (half the cost of a small command). Raises redis-py's
+    errors; callers word them for their driver."""
+
+    def __init__(self, target: RedisTarget, cnf: Config) -> None:
+        self._target = target
+        self._cnf = cnf
+        self._client: Client | None = None
+        self._made = threading.Lock()
+        self._local = threading.local()
+        self._conns: weakref.WeakSet[Any] = weakref.WeakSet()  # to close them all; a dead thread's go with it
+
+    @property
+    def available(self) -> bool:
+        """False for Sentinel and Cluster: their callers take the asyncio path."""
+        return not self._target.cluster and not self._target.master_name
+
+    def get(self) -> Client:
+        """The pooled client (its pool's settings make the per-thread connections)."""
+        if self._client is None:
+            with self._made:
+                if self._client is None:
+                    self._client = create_blocking_client(self._target, self._cnf)
+        return self._client
+
+    def call(self, *args: Any) -> Any:
+        """One command on this thread's connection, retried on connection errors as configured."""
+        conn = self._conn()
+        return conn.retry.call_with_retry(lambda: _round_trip(conn, args), lambda _error: conn.disconnect())
+
+    def script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        return script.run_blocking(self.call, keys, args)
+
+    def _conn(self) -> Any:
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            pool = self.get().connection_pool
+            conn = local.conn = pool.connection_class(**pool.connection_kwargs)
+            local.pid = os.getpid()
+            self._conns.add(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close every connection; the next call opens new ones."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.connection_pool.disconnect()
+        for conn in list(self._conns):
+            conn.disconnect()
+
+
+def _round_trip(conn: Any, args: tuple[Any, ...]) -> Any:
+    conn.send_packed_command(conn.pack_command(*args))
+    return conn.read_response()
+
+
+def _blocking_tls_class(ctx: ssl.SSLContext | None) -> type[Any]:
+    """Blocking TLS connections that use cnf.tls as is."""
+    from redis.connection import SSLConnection
+
+    if ctx is None:
+        return SSLConnection
+    context = ctx
+
+    class _ContextSSLConnection(SSLConnection):
+        def _wrap_socket_with_ssl(self, sock: Any) -> Any:
+            return context.wrap_socket(sock, server_hostname=self.host)
+
+    return _ContextSSLConnection
 
 
 _wrap = wrap_blocking_errors(BackendError, "redis backend")
@@ -46,10 +144,9 @@ class _Subscriber:
     same write as its own SUBSCRIBE, one write per wait instead of two. Messages of that old
     channel (a task whose state is stored again) are read and skipped by the next wait.
 
-    `watched` is the channel a send subscribed to ahead of itself, once the send's script saw
-    that subscription in place: its wait needs neither a SUBSCRIBE nor a GET."""
+    `ahead` is the channel a send subscribed to ahead of itself, until its wait takes it."""
 
-    __slots__ = ("conn", "pid", "stale", "sub", "watched")
+    __slots__ = ("ahead", "conn", "pid", "stale", "sub")
 
     def __init__(self, shared: Client) -> None:
         import redis
@@ -66,19 +163,20 @@ class _Subscriber:
         self.sub: Any = pool.get_connection()
         self.conn: Any = pool.get_connection()
         self.stale: bytes | None = None  # the channel the last wait left subscribed
-        self.watched: bytes | None = None
+        self.ahead: bytes | None = None
 
     def subscribe(self, channel: bytes) -> None:
         conn = self.sub
         packed = conn.pack_command("UNSUBSCRIBE", self.stale) if self.stale is not None else []
-        self.stale = self.watched = None  # unknown until the write is through
+        self.stale = self.ahead = None  # unknown until the write is through
         conn.send_packed_command([*packed, *conn.pack_command("SUBSCRIBE", channel)])
         self.stale = channel
 
-    def take_watched(self, channel: bytes) -> bool:
-        """True once if a send proved this channel subscribed before the task went out."""
-        watched, self.watched = self.watched == channel, None
-        return watched
+    def take_ahead(self, channel: bytes) -> bool:
+        """True once if a send subscribed to this channel ahead of itself (its confirmation is
+        on its way or unread)."""
+        ahead, self.ahead = self.ahead == channel, None
+        return ahead
 
     def message(self, timeout: float) -> tuple[bytes, bytes, Any] | None:
         """The next pub/sub reply (kind, channel, data) within `timeout` seconds, or None."""
@@ -128,20 +226,13 @@ def _connect_within(conn: Any, budget: float) -> None:
     conn._sock.settimeout(saved[0])  # the socket keeps the timeout it was made with
 
 
-class BlockingRedis:
-    """Blocking calls on one Redis server, made lazily: nothing connects until first used.
+class BlockingRedis(BlockingReads):
+    """Blocking calls on one Redis server, made lazily: nothing connects until first used. Each
+    thread is a caller of the wait protocol (waits.py): it keeps its own send-ahead state and its
+    own wait connections."""
 
-    A thread that waits for each task it sends before sending the next (send-and-wait, the RPC
-    pattern) gets its sends subscribed ahead: the send writes SUBSCRIBE on the thread's wait
-    connection just before the task goes out on the other, and the send's script reports the
-    channel's subscriber count. Seen subscribed, the wait only reads the PUBLISH: one round trip
-    per send-and-wait instead of three. A thread that sends twice without waiting stops doing it,
-    so bulk senders pay nothing; one that never subscribed in time falls back to SUBSCRIBE + GET.
-    """
-
-    def __init__(self, target: RedisTarget, cnf: Config, channel_prefix: str) -> None:
+    def __init__(self, target: RedisTarget, cnf: Config) -> None:
         self._shared = BlockingClient(target, cnf)
-        self._prefix = channel_prefix
         self._local = threading.local()
 
     @property
@@ -155,20 +246,24 @@ class BlockingRedis:
     def script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         return self._shared.script(script, keys, args)
 
+    def _caller(self) -> Caller:
+        caller: Caller | None = getattr(self._local, "caller", None)
+        if caller is None:
+            caller = self._local.caller = Caller()
+        return caller
+
     @_wrap
     def send(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> None:
         """Run the send script (KEYS[1] the task's uuid; an extra ARGV, the channel, makes it
-        return the channel's subscriber count), subscribed ahead when this thread is armed."""
-        local = self._local
-        channel = (self._prefix + keys[0]).encode()
-        if getattr(local, "sent", None) is not None:
-            local.armed = False  # the previous send was not waited for: not send-and-wait
-        sub = self._subscribe_ahead(channel) if getattr(local, "armed", False) else None
-        local.sent = channel
+        return the channel's subscriber count), subscribed ahead when this thread waits for what
+        it sends."""
+        caller = self._caller()
+        channel = channel_of(keys[0])
+        sub = self._subscribe_ahead(channel) if caller.before_send(channel) else None
         if sub is None:
             self._shared.script(script, keys, args)
-        elif self._shared.script(script, keys, [*args, channel]):
-            sub.watched = channel
+            return
+        caller.after_send(channel, int(self._shared.script(script, keys, [*args, channel])))
 
     def _subscribe_ahead(self, channel: bytes) -> _Subscriber | None:
         from redis.exceptions import ConnectionError as RConnectionError
@@ -181,6 +276,7 @@ class BlockingRedis:
         except (RConnectionError, RTimeoutError, OSError):
             self._drop(sub)  # the send goes out all the same; its wait subscribes again
             return None
+        sub.ahead = channel
         return sub
 
     @_wrap
@@ -189,39 +285,36 @@ class BlockingRedis:
         return decode_state(raw) if raw is not None else None
 
     def wait_completed(self, task_uuid: str, timeout: float | None) -> TaskState | None:
-        """Wait for SUCCESS or FAILURE; None when `timeout` passes first.
+        """Wait for SUCCESS or FAILURE; None when `timeout` passes first (waits.py says how).
 
-        Subscribes to the task's completion channel, reads the state once subscribed (one stored
-        before is read, one stored after is published to us), then waits for the PUBLISH,
-        re-reading on a back-off. Connection errors are retried until the deadline; the last one
-        is raised if the server never answered.
+        Connection errors are retried until the deadline; the last one is raised if the server
+        never answered.
         """
         from redis.exceptions import ConnectionError as RConnectionError
         from redis.exceptions import RedisError
         from redis.exceptions import TimeoutError as RTimeoutError
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        channel = (self._prefix + task_uuid).encode()
-        local = self._local
-        local.armed = getattr(local, "sent", None) == channel  # waits for what it just sent
-        local.sent = None
+        channel = channel_of(task_uuid)
+        watched = self._caller().before_wait(channel)
         backoff = 0.05
         while True:
             sub: _Subscriber | None = None
             try:
                 sub = self._subscriber()
-                state = self._wait(sub, channel, task_uuid, deadline, sub.take_watched(channel))
+                state = self._wait(sub, channel, task_uuid, deadline, watched)
             except (RConnectionError, RTimeoutError, OSError) as exc:
                 self._drop(sub)
+                watched = False  # a new connection: subscribe again
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise BackendError(f"redis backend wait_completed: {type(exc).__name__}: {exc}") from exc
+                    raise reworded(BackendError, "redis backend wait_completed", exc) from exc
                 time.sleep(backoff if left is None else min(backoff, left))
                 backoff = min(backoff * 2, 1.0)
                 continue
             except RedisError as exc:
                 self._drop(sub)
-                raise BackendError(f"redis backend wait_completed: {type(exc).__name__}: {exc}") from exc
+                raise reworded(BackendError, "redis backend wait_completed", exc) from exc
             except BaseException:
                 self._drop(sub)  # interrupted mid-read: the connections' state is unknown
                 raise
@@ -229,52 +322,35 @@ class BlockingRedis:
 
     def _wait(self, sub: _Subscriber, channel: bytes, task_uuid: str, deadline: float | None,
               watched: bool) -> TaskState | None:
-        if not watched:
+        ahead = sub.take_ahead(channel)
+        if not ahead:
             sub.subscribe(channel)
-        confirmed = watched  # subscribed before the task went out: nothing stored to read first
-        recheck = RECHECK_FIRST
-        next_read = time.monotonic() + recheck
+        wait = Wait(deadline, time.monotonic(), watched and ahead)
         while True:
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return self._last_look(sub, task_uuid)
-            if confirmed and now >= next_read:
-                stored = self._read(sub, task_uuid, deadline)
-                if stored is not None and stored.is_completed():
-                    return stored
-                recheck = min(recheck * 2, RECHECK_MAX)
-                next_read = time.monotonic() + recheck
+            step, seconds = wait.next(time.monotonic())
+            if step is Step.LAST_LOOK:
+                return Wait.outcome(self._read(sub, task_uuid, seconds))
+            if step is Step.READ:
+                budget = None if deadline is None else deadline - time.monotonic()
+                if (state := Wait.outcome(self._read(sub, task_uuid, budget))) is not None:
+                    return state
                 continue
-            step = next_read - now
-            if deadline is not None:
-                step = min(step, deadline - now)
-            msg = sub.message(max(step, 0.0))
+            msg = sub.message(max(seconds, 0.0))
             if msg is None or msg[1] != channel:
                 continue  # nothing yet, or the previous wait's channel
             kind, _, data = msg
             if kind == b"message":
-                published = decode_state(data)
-                if published.is_completed():
-                    return published
-            elif kind == b"subscribe" and not confirmed:
-                # Subscribed: read what was stored before.
-                confirmed = True
-                stored = self._read(sub, task_uuid, deadline)
-                if stored is not None and stored.is_completed():
-                    return stored
+                if (state := Wait.published(data)) is not None:
+                    return state
+            elif kind == b"subscribe":
+                wait.confirmation()
 
-    def _read(self, sub: _Subscriber, task_uuid: str, deadline: float | None) -> TaskState | None:
+    @staticmethod
+    def _read(sub: _Subscriber, task_uuid: str, budget: float | None) -> TaskState | None:
         try:
-            return sub.read(task_uuid, None if deadline is None else deadline - time.monotonic())
+            return sub.read(task_uuid, budget)
         except _Late:
-            return None  # the deadline came first; the loop returns at its next check
-
-    def _last_look(self, sub: _Subscriber, task_uuid: str) -> TaskState | None:
-        try:
-            stored = sub.read(task_uuid, LAST_LOOK)
-        except _Late:
-            return None
-        return stored if stored is not None and stored.is_completed() else None
+            return None  # the deadline came first; the wait returns at its next step
 
     def _subscriber(self) -> _Subscriber:
         sub: _Subscriber | None = getattr(self._local, "sub", None)

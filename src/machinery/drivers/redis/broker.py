@@ -30,28 +30,36 @@ import msgspec
 from redis.exceptions import ConnectionError as _RConnectionError
 from redis.exceptions import TimeoutError as _RTimeoutError
 
-from machinery.drivers.broker import BlockingPublish, Broker, Delivery, PublishItem
+from machinery.drivers.broker import Broker, Delivery, PublishItem
+from machinery.drivers.capabilities import (
+    BlockingPublish,
+    DeadLetterListing,
+    DelayedListing,
+    EarlyHandout,
+    Leases,
+)
 from machinery.drivers.redis import scripts as lua
+from machinery.drivers.redis.blocking import BlockingClient
 from machinery.drivers.redis.client import (
     Batch,
-    BlockingClient,
     Client,
     Clients,
     Lane,
     cancel_requested,
-    parse_redis_url,
     same_slot,
     tagged,
     wrap_blocking_errors,
     wrap_errors,
 )
 from machinery.drivers.redis.landing import Landings
+from machinery.drivers.redis.url import parse_redis_url
 from machinery.errors import BrokerError
 from machinery.log import get_logger
 from machinery.loops import PerLoop
 from machinery.tasks import gojson
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 if TYPE_CHECKING:
     from machinery.config import Config
@@ -93,7 +101,7 @@ _wrap = wrap_errors(BrokerError, "redis broker")
 _TRANSIENT = (OSError, _RConnectionError, _RTimeoutError)
 
 
-class RedisBroker(Broker):
+class RedisBroker(Broker, Leases, EarlyHandout, BlockingPublish, DelayedListing, DeadLetterListing):
     """Reliable Redis broker, wire-compatible with Go Machinery's redis broker."""
 
     #: messages moved per delayed-set step; expired leases and dead consumers reaped per fetch
@@ -107,7 +115,7 @@ class RedisBroker(Broker):
         super().__init__(cnf, url or cnf.broker)
         self.target = parse_redis_url(self.url, cnf, "broker")
         #: seconds a fetched message stays claimed without renew(); the worker renews well within it
-        self.lease_seconds: float | None = cnf.redis.lease_seconds
+        self.lease_seconds = cnf.redis.lease_seconds
         self._consumer = ("", 0)  # (id, pid): see consumer_id
         self.delayed_key = cnf.redis.delayed_tasks_key or "delayed_tasks"
         self.moving_key = tagged(self.delayed_key, ":machinery:moving")
@@ -163,7 +171,7 @@ class RedisBroker(Broker):
         return keys
 
     def _lease_ms(self) -> int:
-        return max(1, int((self.lease_seconds or 30.0) * 1000))
+        return max(1, int(self.lease_seconds * 1000))
 
     def _route(self, sig: Signature) -> str:
         return sig.routing_key or self.cnf.default_queue
@@ -202,21 +210,20 @@ class RedisBroker(Broker):
         if later:
             batch.script(lua.DELAY, [self.delayed_key], [_seed(), *later])
 
-    def blocking_publish(self) -> BlockingPublish | None:
-        """One ready message in one blocking RPUSH, in the caller's thread."""
-        if not self._blocking.available:
+    def capability(self, kind: type[C]) -> C | None:
+        """BlockingPublish on a standalone server only (Sentinel and Cluster take the asyncio path)."""
+        if kind is BlockingPublish and not self._blocking.available:
             return None
-        blocking = self._blocking
+        return super().capability(kind)
 
-        @wrap_blocking_errors(BrokerError, "redis broker")
-        def publish(item: PublishItem) -> bool:
-            queue = self.ready_queue(item)
-            if queue is None:
-                return False
-            blocking.call("RPUSH", queue, item[1])
-            return True
-
-        return publish
+    @wrap_blocking_errors(BrokerError, "redis broker")
+    def publish_blocking(self, item: PublishItem) -> bool:
+        """One ready message in one blocking RPUSH, in the caller's thread."""
+        queue = self.ready_queue(item)
+        if queue is None:
+            return False
+        self._blocking.call("RPUSH", queue, item[1])
+        return True
 
     def ready_queue(self, item: PublishItem) -> str | None:
         """The list a message goes to now, or None when its ETA holds it in the delayed set."""
@@ -289,7 +296,7 @@ class RedisBroker(Broker):
 
     def _block_cap(self) -> float:
         """Block well inside both the lease (set just before) and the socket read timeout."""
-        cap = (self.lease_seconds or 30.0) / 2
+        cap = self.lease_seconds / 2
         read = self.cnf.redis.read_timeout
         if read:
             cap = min(cap, max(0.05, read - 1.0))

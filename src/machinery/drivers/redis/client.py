@@ -1,7 +1,9 @@
-"""Redis plumbing shared by the Redis broker, backend and lock: URL parsing, clients, scripts.
+"""Redis plumbing shared by the Redis broker, backend and lock: asyncio clients, connections of
+their own (Lane), pipelined batches, scripts, key tags and error wording.
 
 Nothing here imports redis-py at module level, so importing it is free; the clients are created
-per event loop by the drivers (redis.asyncio clients are bound to the loop that made them).
+per event loop by the drivers (redis.asyncio clients are bound to the loop that made them). URLs
+are parsed in url.py; the blocking client of the sync facade is in blocking.py.
 """
 
 from __future__ import annotations
@@ -9,16 +11,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import os
 import ssl
-import threading
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
-from urllib.parse import unquote
 
-from machinery.errors import ConfigError, MachineryError
+from machinery.drivers.redis.url import RedisTarget
+from machinery.errors import MachineryError
 
 if TYPE_CHECKING:
     from machinery.config import Config
@@ -26,149 +24,15 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
-SCHEMES = ("redis", "rediss", "redis+socket")
 #: a redis.asyncio Redis or RedisCluster; typed loosely because redis-py's sync/async overloads
 #: do not narrow well under mypy --strict
 Client = Any
 
 
-@dataclass(frozen=True, slots=True)
-class RedisTarget:
-    """Where and how to connect, parsed from a Go Machinery style Redis URL plus cnf.redis."""
-
-    scheme: str
-    hosts: tuple[tuple[str, int], ...] = ()
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    socket_path: str = ""
-    tls: bool = False
-    cluster: bool = False
-    master_name: str = ""
-    sentinel_password: str | None = None
-
-
-# --- URL parsing ---------------------------------------------------------------------------
-
-
-def parse_redis_url(url: str, cnf: Config, field: str) -> RedisTarget:
-    """Parse redis://, rediss:// or redis+socket:// as Go Machinery does (userinfo without ':' is the password).
-
-    Several comma-separated hosts (or cnf.redis.cluster_mode) mean Redis Cluster; with
-    cnf.redis.master_name they are Sentinels instead. Errors name the config field.
-    """
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    if not sep or scheme not in SCHEMES:
-        raise ConfigError(f"config field {field}: expected a redis://, rediss:// or redis+socket:// URL, got {url!r}")
-    if "?" in rest or "#" in rest:
-        raise ConfigError(f"config field {field}: query strings and fragments are not supported in {_redact(url)}")
-    if scheme == "redis+socket":
-        return _parse_socket(rest, url, cnf, field)
-    parts = [p.strip() for p in rest.split(",")]
-    hosts: list[tuple[str, int]] = []
-    username: str | None = None
-    password: str | None = None
-    db = 0
-    for i, raw in enumerate(parts):
-        part = raw
-        if "://" in raw:
-            other, _, part = raw.partition("://")
-            if other.lower() != scheme:
-                raise ConfigError(f"config field {field}: mixed schemes in {_redact(url)}")
-        userinfo, at, hostpart = part.rpartition("@")
-        if at:
-            user, pw = _userinfo(userinfo)
-            username = username if user is None else user
-            password = password if pw is None else pw
-        hostport, slash, path = hostpart.partition("/")
-        if slash and path:
-            if i != len(parts) - 1 and len(parts) > 1:
-                raise ConfigError(f"config field {field}: the /db goes after the last host in {_redact(url)}")
-            db = _db(path, url, field)
-        hosts.append(_host_port(hostport, url, field))
-    master = cnf.redis.master_name
-    cluster = cnf.redis.cluster_mode or (len(hosts) > 1 and not master)  # with Sentinel: several sentinels
-    if cnf.redis.cluster_mode and master:
-        raise ConfigError(
-            f"config field redis.master_name: Sentinel ({master!r}) and Redis Cluster cannot be combined "
-            f"({field} = {_redact(url)})"
-        )
-    if cluster and db:
-        raise ConfigError(f"config field {field}: Redis Cluster has only db 0, got /{db} in {_redact(url)}")
-    return RedisTarget(
-        scheme=scheme, hosts=tuple(hosts), db=db, username=username, password=password,
-        tls=scheme == "rediss", cluster=cluster, master_name=master,
-        sentinel_password=cnf.redis.sentinel_password or None,
-    )
-
-
-def _parse_socket(rest: str, url: str, cnf: Config, field: str) -> RedisTarget:
-    at = rest.rfind("@/")
-    username = password = None
-    if at >= 0:
-        username, password = _userinfo(rest[:at])
-        path = rest[at + 1:]
-    elif rest.startswith("/"):
-        path = rest
-    else:
-        raise ConfigError(
-            f"config field {field}: expected redis+socket://[password@]/path/to.sock[:/db], got {_redact(url)}"
-        )
-    db = 0
-    head, colon, tail = path.rpartition(":/")
-    if colon and tail.isdigit():
-        path, db = head, _db(tail, url, field)
-    if not path or path == "/":
-        raise ConfigError(f"config field {field}: missing socket path in {_redact(url)}")
-    if cnf.redis.cluster_mode or cnf.redis.master_name:
-        raise ConfigError(f"config field {field}: a unix socket cannot be a Redis Cluster or a Sentinel")
-    return RedisTarget(scheme="redis+socket", db=db, username=username, password=password, socket_path=path)
-
-
-def _userinfo(text: str) -> tuple[str | None, str | None]:
-    if ":" in text:
-        user, _, pw = text.partition(":")
-        return (unquote(user) or None), unquote(pw)
-    return None, (unquote(text) if text else None)
-
-
-def _host_port(text: str, url: str, field: str) -> tuple[str, int]:
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket:
-            raise ConfigError(f"config field {field}: unclosed '[' in {_redact(url)}")
-        port_text = rest[1:] if rest.startswith(":") else ""
-        if rest and not rest.startswith(":"):
-            raise ConfigError(f"config field {field}: bad host {text!r} in {_redact(url)}")
-    else:
-        host, _, port_text = text.partition(":")
-    if not host:
-        raise ConfigError(f"config field {field}: missing host in {_redact(url)}")
-    if not port_text:
-        return host, 6379
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError(f"config field {field}: port must be 1..65535, got {port_text!r} in {_redact(url)}")
-    return host, int(port_text)
-
-
-def _db(text: str, url: str, field: str) -> int:
-    if not text.isdigit():
-        raise ConfigError(f"config field {field}: the database must be a number, got {text!r} in {_redact(url)}")
-    return int(text)
-
-
-def _redact(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if "@" not in rest:
-        return url
-    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
-
-
 # --- clients -------------------------------------------------------------------------------
 
 
-def _options(t: RedisTarget, cnf: Config, retry_class: type[Any]) -> dict[str, Any]:
+def client_options(t: RedisTarget, cnf: Config, retry_class: type[Any]) -> dict[str, Any]:
     """Client options both kinds of client share (timeouts, credentials, retries)."""
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.exceptions import ConnectionError as RConnectionError
@@ -196,7 +60,7 @@ def create_client(t: RedisTarget, cnf: Config) -> Client:
     from redis.asyncio.retry import Retry
 
     r = cnf.redis
-    common = _options(t, cnf, Retry)
+    common = client_options(t, cnf, Retry)
     if t.cluster:
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
@@ -231,104 +95,6 @@ def create_client(t: RedisTarget, cnf: Config) -> Client:
         base = _tls_connection_class(cnf.tls) if t.tls else aioredis.Connection
         pool = pool_class(host=host, port=port, connection_class=_timer_bounded(base), **pool_kwargs)
     return aioredis.Redis(connection_pool=pool)
-
-
-def create_blocking_client(t: RedisTarget, cnf: Config) -> Client:
-    """A blocking (thread-safe, pooled) redis-py client for a standalone server, for the sync
-    facade's direct calls (Sentinel and Cluster take the asyncio path)."""
-    import redis
-    from redis.retry import Retry
-
-    kwargs: dict[str, Any] = dict(_options(t, cnf, Retry), db=t.db,
-                                  max_connections=cnf.redis.max_active or UNLIMITED_CONNECTIONS)
-    if t.socket_path:
-        pool = redis.ConnectionPool(connection_class=redis.UnixDomainSocketConnection, path=t.socket_path,
-                                    **kwargs)
-    else:
-        host, port = t.hosts[0]
-        base = _blocking_tls_class(cnf.tls) if t.tls else redis.Connection
-        pool = redis.ConnectionPool(host=host, port=port, connection_class=base, **kwargs)
-    return redis.Redis(connection_pool=pool)
-
-
-class BlockingClient:
-    """Blocking calls on one standalone server for the sync facade's direct calls, made on first
-    use. Each thread keeps its own connection: one command costs a write and a read, without
-    redis-py's per-command pool checkout (half the cost of a small command). Raises redis-py's
-    errors; callers word them for their driver."""
-
-    def __init__(self, target: RedisTarget, cnf: Config) -> None:
-        self._target = target
-        self._cnf = cnf
-        self._client: Client | None = None
-        self._made = threading.Lock()
-        self._local = threading.local()
-        self._conns: weakref.WeakSet[Any] = weakref.WeakSet()  # to close them all; a dead thread's go with it
-
-    @property
-    def available(self) -> bool:
-        """False for Sentinel and Cluster: their callers take the asyncio path."""
-        return not self._target.cluster and not self._target.master_name
-
-    def get(self) -> Client:
-        """The pooled client (its pool's settings make the per-thread connections)."""
-        if self._client is None:
-            with self._made:
-                if self._client is None:
-                    self._client = create_blocking_client(self._target, self._cnf)
-        return self._client
-
-    def call(self, *args: Any) -> Any:
-        """One command on this thread's connection, retried on connection errors as configured."""
-        conn = self._conn()
-        return conn.retry.call_with_retry(lambda: _round_trip(conn, args), lambda _error: conn.disconnect())
-
-    def script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        from redis.exceptions import NoScriptError
-
-        try:
-            return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            self.call("SCRIPT", "LOAD", script.src)
-            return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
-
-    def _conn(self) -> Any:
-        local = self._local
-        conn = getattr(local, "conn", None)
-        if conn is None or local.pid != os.getpid():
-            pool = self.get().connection_pool
-            conn = local.conn = pool.connection_class(**pool.connection_kwargs)
-            local.pid = os.getpid()
-            self._conns.add(conn)
-        return conn
-
-    def close(self) -> None:
-        """Close every connection; the next call opens new ones."""
-        client, self._client = self._client, None
-        if client is not None:
-            client.connection_pool.disconnect()
-        for conn in list(self._conns):
-            conn.disconnect()
-
-
-def _round_trip(conn: Any, args: tuple[Any, ...]) -> Any:
-    conn.send_packed_command(conn.pack_command(*args))
-    return conn.read_response()
-
-
-def _blocking_tls_class(ctx: ssl.SSLContext | None) -> type[Any]:
-    """Blocking TLS connections that use cnf.tls as is."""
-    from redis.connection import SSLConnection
-
-    if ctx is None:
-        return SSLConnection
-    context = ctx
-
-    class _ContextSSLConnection(SSLConnection):
-        def _wrap_socket_with_ssl(self, sock: Any) -> Any:
-            return context.wrap_socket(sock, server_hostname=self.host)
-
-    return _ContextSSLConnection
 
 
 def _hiredis_packer() -> Any:
@@ -503,7 +269,32 @@ class LuaScript:
         self.src = src
         self.sha = hashlib.sha1(src.encode()).hexdigest()
 
+    def evalsha(self, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
+        """The command that runs this script."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    async def run(self, call: Callable[..., Awaitable[Any]], keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """EVALSHA through `call` (a connection's command call); on NOSCRIPT, load it and again."""
+        from redis.exceptions import NoScriptError
+
+        try:
+            return await call(*self.evalsha(keys, args))
+        except NoScriptError:
+            await call("SCRIPT", "LOAD", self.src)
+            return await call(*self.evalsha(keys, args))
+
+    def run_blocking(self, call: Callable[..., Any], keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """run() for a blocking connection's command call."""
+        from redis.exceptions import NoScriptError
+
+        try:
+            return call(*self.evalsha(keys, args))
+        except NoScriptError:
+            call("SCRIPT", "LOAD", self.src)
+            return call(*self.evalsha(keys, args))
+
     async def __call__(self, client: Client, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Run on a pooled client (a cluster client routes the script, and loads it, by its keys)."""
         from redis.exceptions import NoScriptError
 
         try:
@@ -556,15 +347,9 @@ class Lane:
         return result
 
     async def script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        from redis.exceptions import NoScriptError
-
         if self._conn is None:  # a cluster client routes scripts (and loads them) by their keys
             return await script(self.client, keys, args)
-        try:
-            return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await self.call("SCRIPT", "LOAD", script.src)
-            return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        return await script.run(self.call, keys, args)
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -604,7 +389,7 @@ class Batch:
         self.ops.append((None, args))
 
     def script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> None:
-        self.ops.append((script, ("EVALSHA", script.sha, len(keys), *keys, *args)))
+        self.ops.append((script, script.evalsha(keys, args)))
 
     def __len__(self) -> int:
         return len(self.ops)
@@ -672,6 +457,11 @@ def cancel_requested() -> bool:
 Coro = Coroutine[Any, Any, R]
 
 
+def reworded(error: type[MachineryError], what: str, exc: Exception) -> MachineryError:
+    """A redis-py error in the library's own words: `what` says whose call it was."""
+    return error(f"{what}: {type(exc).__name__}: {exc}")
+
+
 def wrap_errors(
     error: type[MachineryError], what: str
 ) -> Callable[[Callable[P, Coro[R]]], Callable[P, Coro[R]]]:
@@ -685,7 +475,7 @@ def wrap_errors(
             try:
                 return await fn(*args, **kwargs)
             except RedisError as exc:
-                raise error(f"{what} {fn.__name__}: {type(exc).__name__}: {exc}") from exc
+                raise reworded(error, f"{what} {fn.__name__}", exc) from exc
 
         return wrapper
 
@@ -703,7 +493,7 @@ def wrap_blocking_errors(error: type[MachineryError], what: str) -> Callable[[Ca
             try:
                 return fn(*args, **kwargs)
             except RedisError as exc:
-                raise error(f"{what} {fn.__name__}: {type(exc).__name__}: {exc}") from exc
+                raise reworded(error, f"{what} {fn.__name__}", exc) from exc
 
         return wrapper
 

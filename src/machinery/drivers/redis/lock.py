@@ -7,7 +7,7 @@ The value check is what Go's GETSET fallback does (its PX can outlive the stored
 trip, and the next tick must not find the key still held); here it is atomic, not GET then GETSET.
 
 Unlike Go, the URL's db and username are honoured, `rediss://` uses TLS (with `cnf.tls` when set), and
-Sentinel / Cluster / unix-socket URLs work as for the Redis broker and backend (see machinery.drivers.redis.client).
+Sentinel / Cluster / unix-socket URLs work as for the Redis broker and backend (see machinery.drivers.redis.url).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from machinery.drivers.lock import Lock
 from machinery.drivers.redis import client as _redis
+from machinery.drivers.redis.url import parse_redis_url
 from machinery.errors import BackendError
 from machinery.loops import PerLoop
 
@@ -42,7 +43,7 @@ class RedisLock(Lock):
 
     def __init__(self, cnf: Config, url: str = "redis://127.0.0.1:6379") -> None:
         super().__init__(cnf, url)
-        self.target = _redis.parse_redis_url(url, cnf, "lock")
+        self.target = parse_redis_url(url, cnf, "lock")
         self._clients: PerLoop[_redis.Client] = PerLoop()
 
     def _client(self) -> _redis.Client:

@@ -1,26 +1,47 @@
-"""Result waits on Redis: one pub/sub connection per event loop wakes the waiters of each task's
-`machinery:done:<uuid>` channel (the result backend PUBLISHes a completed state there)."""
+"""The asyncio face of Redis result waits: one pub/sub connection per event loop (the Notifier)
+wakes the waiters of each task's `machinery:done:<uuid>` channel, and AsyncWaits runs the wait
+protocol of waits.py over it (blocking.py runs the same protocol in the caller's thread)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from machinery.drivers.redis.client import cancel_requested
+from machinery.drivers.redis.waits import LAST_LOOK, Caller, Step, Wait, channel_of
+from machinery.loops import PerLoop
+from machinery.tasks.state import decode_state
+
 if TYPE_CHECKING:
-    from machinery.drivers.redis.client import Client
+    from machinery.drivers.redis.client import Client, Lane, LuaScript
+    from machinery.tasks.state import TaskState
 
 
 class Waiter:
-    __slots__ = ("data", "event")
+    """What happened on one channel since the waiter last looked."""
+
+    __slots__ = ("confirmations", "data", "event", "interruptions")
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
-        self.data: bytes | None = None
+        self.data: bytes | None = None  # the last message
+        self.confirmations = 0  # subscribe confirmations (or found confirmed)
+        self.interruptions = 0  # connection trouble: something may have been missed
 
-    def wake(self, data: bytes | None) -> None:
-        if data is not None:
-            self.data = data
+    def message(self, data: bytes) -> None:
+        self.data = data
+        self.event.set()
+
+    def confirmed(self) -> None:
+        self.confirmations += 1
+        self.event.set()
+
+    def interrupted(self) -> None:
+        self.interruptions += 1
         self.event.set()
 
 
@@ -39,9 +60,9 @@ def _pubsub(client: Client) -> Any:
 class Notifier:
     """One pub/sub connection per event loop, shared by all waiters on it.
 
-    Every subscribe confirmation (first subscribe, and the resubscribe after a reconnect) wakes the
-    channel's waiters to re-read the state, so a completion published while not subscribed is
-    still seen. A channel left without waiters stays subscribed for a moment and is then
+    Every subscribe confirmation (first subscribe, and the resubscribe after a reconnect) is told
+    to the channel's waiters, which then re-read the state, so a completion published while not
+    subscribed is still seen. A channel left without waiters stays subscribed for a moment and is then
     unsubscribed together with others in one command: no extra write and reply per wait.
     """
 
@@ -64,13 +85,13 @@ class Notifier:
         if waiters is not None:
             waiters.add(waiter)
             if channel in self._confirmed:
-                waiter.wake(None)
+                waiter.confirmed()
             return
         self._channels[channel] = {waiter}
         if channel in self._idle:  # still subscribed: no new SUBSCRIBE
             self._idle.discard(channel)
             if channel in self._confirmed:
-                waiter.wake(None)
+                waiter.confirmed()
             return
         self._confirmed.discard(channel)
         try:
@@ -126,7 +147,7 @@ class Notifier:
             except Exception:  # connection trouble: redis-py reconnects and resubscribes
                 for group in list(self._channels.values()):
                     for w in group:
-                        w.wake(None)
+                        w.interrupted()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
@@ -139,11 +160,11 @@ class Notifier:
                 continue
             if kind == "message":
                 for w in waiters:
-                    w.wake(msg["data"])
+                    w.message(msg["data"])
             elif kind == "subscribe":
                 self._confirmed.add(channel)
                 for w in waiters:
-                    w.wake(None)
+                    w.confirmed()
 
     async def close(self) -> None:
         if self._sweep is not None:
@@ -155,3 +176,132 @@ class Notifier:
                 await self._reader
         with contextlib.suppress(Exception):
             await self._pubsub.aclose()
+
+
+class AsyncWaits:
+    """The wait protocol (waits.py) on the asyncio face: result waits woken by the Notifier of
+    the current event loop, and one-task sends that subscribe ahead for a caller that waits for
+    what it sends. A caller is an asyncio task."""
+
+    def __init__(self, client: Callable[[], Awaitable[Client]]) -> None:
+        self._client = client  # (not the backend's method: no cycle keeps a backend alive)
+        self._notifiers: PerLoop[Notifier] = PerLoop()
+        #: the current asyncio task's Caller (a child task inherits its parent's context: it is
+        #: given a Caller of its own, not its parent's)
+        self._callers: ContextVar[tuple[object, Caller] | None] = ContextVar(
+            f"machinery-redis-waits-{id(self)}", default=None)
+
+    async def _read(self, task_uuid: str) -> TaskState | None:
+        raw = await (await self._client()).get(task_uuid)
+        return None if raw is None else decode_state(raw)
+
+    async def _notifier(self) -> Notifier:
+        client = await self._client()
+        return self._notifiers.get(lambda: Notifier(client))
+
+    def _caller(self) -> Caller:
+        task = asyncio.current_task()
+        mine = self._callers.get()
+        if mine is not None and mine[0] is task:
+            return mine[1]
+        caller = Caller()
+        self._callers.set((task, caller))
+        return caller
+
+    async def send(self, lane: Lane, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> None:
+        """Run the send script on `lane` (KEYS[1] the task's uuid; an extra ARGV, the channel,
+        makes it return the channel's subscriber count), subscribed ahead when this caller waits
+        for what it sends."""
+        caller = self._caller()
+        channel = channel_of(keys[0])
+        self._drop_ahead(caller)
+        if not caller.before_send(channel):
+            await lane.script(script, keys, args)
+            return
+        notifier = await self._notifier()
+        waiter = Waiter()
+        try:
+            await notifier.add(channel, waiter)
+        except Exception:  # the send goes out all the same; its wait subscribes again
+            await lane.script(script, keys, args)
+            return
+        caller.ahead = (channel, waiter)
+        caller.after_send(channel, int(await lane.script(script, keys, [*args, channel])))
+
+    def _drop_ahead(self, caller: Caller) -> None:
+        """Unsubscribe (soon) from what the last send subscribed ahead and no wait took."""
+        ahead, caller.ahead = caller.ahead, None
+        if ahead is not None:
+            notifier = self._notifiers.current()
+            if notifier is not None:
+                notifier.remove(*ahead)
+
+    async def wait(self, task_uuid: str, timeout: float | None) -> TaskState | None:
+        """Wait for SUCCESS or FAILURE; None when `timeout` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:  # also bounds a hung connection, leaving the last look its time
+            async with asyncio.timeout(None if timeout is None else timeout + LAST_LOOK):
+                return await self._wait(task_uuid, deadline)
+        except TimeoutError:
+            return None
+
+    async def _wait(self, task_uuid: str, deadline: float | None) -> TaskState | None:
+        caller = self._caller()
+        channel = channel_of(task_uuid)
+        ahead = caller.ahead if caller.ahead is not None and caller.ahead[0] == channel else None
+        watched = caller.before_wait(channel)
+        notifier = await self._notifier()
+        if ahead is not None:  # subscribed (or subscribing) with its send
+            caller.ahead = None
+            waiter: Waiter = ahead[1]
+        else:
+            self._drop_ahead(caller)
+            waiter = Waiter()
+            await notifier.add(channel, waiter)
+        # seen subscribed counts only while the waiter that subscribed with the send is still on
+        wait = Wait(deadline, time.monotonic(), watched and ahead is not None)
+        try:
+            return await self._follow(task_uuid, waiter, wait)
+        finally:
+            notifier.remove(channel, waiter)
+
+    async def _follow(self, task_uuid: str, waiter: Waiter, wait: Wait) -> TaskState | None:
+        confirmations = interruptions = 0
+        while True:
+            step, seconds = wait.next(time.monotonic())
+            if step is Step.LAST_LOOK:
+                try:
+                    async with asyncio.timeout(seconds):
+                        return Wait.outcome(await self._read(task_uuid))
+                except TimeoutError:
+                    if cancel_requested():  # the caller's own timeout or cancel
+                        raise
+                    return None
+            if step is Step.READ:
+                if (state := Wait.outcome(await self._read(task_uuid))) is not None:
+                    return state
+                continue
+            if not waiter.event.is_set():
+                try:
+                    async with asyncio.timeout(seconds):  # a timer; wait_for would add a Task per wait
+                        await waiter.event.wait()
+                except TimeoutError:
+                    if cancel_requested():  # the caller's own timeout or cancel, not our step
+                        raise
+            waiter.event.clear()
+            data, waiter.data = waiter.data, None
+            if data is not None and (state := Wait.published(data)) is not None:
+                return state
+            for _ in range(waiter.confirmations - confirmations):
+                wait.confirmation()
+            if waiter.interruptions != interruptions:
+                wait.interrupted()
+            confirmations, interruptions = waiter.confirmations, waiter.interruptions
+            if cancel_requested():
+                raise asyncio.CancelledError
+
+    async def close(self) -> None:
+        """Close the current loop's pub/sub connection."""
+        notifier = self._notifiers.pop_current()
+        if notifier is not None:
+            await notifier.close()

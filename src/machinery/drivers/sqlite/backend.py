@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from machinery.config import DEFAULT_SQLITE_URL
 from machinery.drivers.backend import Backend, GroupProgress
+from machinery.drivers.capabilities import ResultWakeups
 from machinery.drivers.sqlite.db import Schema, SQLiteDB, chunks, immediate, sqlite_path
 from machinery.drivers.sqlite.doorbell import Doorbell
 from machinery.errors import BackendError
@@ -80,7 +81,7 @@ _PURGE_BATCH = 2000
 _MIN_POLL = 0.002
 
 
-class SQLiteBackend(Backend):
+class SQLiteBackend(Backend, ResultWakeups):
     """Result backend in a local SQLite file (WAL), shareable with the SQLite broker's file."""
 
     def __init__(self, cnf: Config, url: str = DEFAULT_SQLITE_URL) -> None:
@@ -89,7 +90,7 @@ class SQLiteBackend(Backend):
         self._db = SQLiteDB(
             self.path, cnf.sqlite.busy_timeout_ms, SCHEMA, BackendError, "machinery-sqlite-backend"
         )
-        self._waiters = self.local_waiters = Waiters()
+        self._waiters = Waiters()
         self._bell = Doorbell(self.path, "backend", self._waiters.notify)
         # other processes' writes wake waiters through the doorbell, or are seen by re-reading,
         # at most this far apart
@@ -126,6 +127,10 @@ class SQLiteBackend(Backend):
         await self._db.run(write_and_ring if done else write)
         for uuid in done:
             self._waiters.notify(uuid)
+
+    @property
+    def waiters(self) -> Waiters:
+        return self._waiters
 
     def remote_wakeups(self) -> AbstractContextManager[bool]:
         return self._bell.listening()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from machinery.config import DEFAULT_SQLITE_URL
 from machinery.drivers.broker import Broker, Delivery
+from machinery.drivers.capabilities import DeadLetterListing, DelayedListing, Leases
 from machinery.drivers.sqlite.db import Schema, SQLiteDB, immediate, sqlite_path
 from machinery.drivers.sqlite.doorbell import Doorbell
 from machinery.errors import BrokerError
@@ -92,10 +93,10 @@ _MIN_POLL = 0.002
 _ClaimResult = tuple[list[tuple[int, bytes, int]], "int | None"]  # (id, body, attempts) rows, next visible_ns
 
 
-class SQLiteBroker(Broker):
+class SQLiteBroker(Broker, Leases, DelayedListing, DeadLetterListing):
     """Broker in a local SQLite file (WAL): safe for many worker and producer processes."""
 
-    lease_seconds: float | None = 30.0
+    lease_seconds: float = 30.0
 
     def __init__(self, cnf: Config, url: str = DEFAULT_SQLITE_URL) -> None:
         super().__init__(cnf, url)
@@ -187,7 +188,7 @@ class SQLiteBroker(Broker):
                 self._waiters.discard(queue, fut)
 
     async def _claim(self, queue: str, max_count: int) -> tuple[list[Delivery], int | None]:
-        lease_ns = int((self.lease_seconds or 0.0) * 1e9)
+        lease_ns = int(self.lease_seconds * 1e9)
         token = secrets.randbits(62)
         cf = self._db.submit(partial(_claim, queue, max_count, lease_ns, token))
         try:
@@ -228,7 +229,7 @@ class SQLiteBroker(Broker):
     async def renew(self, deliveries: Sequence[Delivery]) -> None:
         receipts = _receipts(deliveries)
         if receipts:
-            lease_ns = int((self.lease_seconds or 0.0) * 1e9)
+            lease_ns = int(self.lease_seconds * 1e9)
             await self._db.run(partial(_renew, receipts, lease_ns))
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:

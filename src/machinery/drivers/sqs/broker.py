@@ -25,8 +25,8 @@ Where Go fails or is wrong:
   in the `machinery.reason` attribute, then deletes it. Queues that do not exist are created on the
   first publish or fetch (Go expects them to exist).
 
-SQS cannot list a queue without receiving its messages (which counts as a delivery), so pending() and
-delayed() return []; queue_counts() gives SQS's approximate numbers instead.
+SQS cannot list a queue without receiving its messages (which counts as a delivery), so pending()
+returns [] and the broker has no DelayedListing; queue_counts() gives SQS's approximate numbers instead.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from machinery.drivers.broker import Broker, Delivery
+from machinery.drivers.capabilities import DeadLetterListing, Leases
 from machinery.drivers.sqs.client import (
     BATCH,
     MAX_DELAY,
@@ -87,7 +88,7 @@ def dead_letter_queue(queue: str) -> str:
     return queue + DEAD_LETTER_SUFFIX
 
 
-class SQSBroker(Broker):
+class SQSBroker(Broker, Leases, DeadLetterListing):
     """AWS SQS broker, wire-compatible with Go Machinery's."""
 
     def __init__(self, cnf: Config, url: str = "") -> None:
@@ -101,7 +102,7 @@ class SQSBroker(Broker):
                 "use 1..43200 or leave it unset (30 s)"
             )
         #: the visibility timeout of fetched messages; the worker renews it while a task runs
-        self.lease_seconds: float | None = float(vt) if vt else DEFAULT_LEASE
+        self.lease_seconds = float(vt) if vt else DEFAULT_LEASE
         self._clients = Clients(sessions, self.target)
         self._urls: dict[str, str] = {}
         self._dead_queues: set[str] = {dead_letter_queue(cnf.default_queue)}
@@ -109,7 +110,7 @@ class SQSBroker(Broker):
     # --- queues ----------------------------------------------------------------------------
 
     def _visibility(self) -> int:
-        return max(1, min(MAX_VISIBILITY, math.ceil(self.lease_seconds or DEFAULT_LEASE)))
+        return max(1, min(MAX_VISIBILITY, math.ceil(self.lease_seconds)))
 
     async def _queue_url(self, client: Any, queue: str) -> str:
         url = self._urls.get(queue)
@@ -365,10 +366,6 @@ class SQSBroker(Broker):
 
         See queue_counts() for SQS's approximate numbers.
         """
-        return []
-
-    async def delayed(self) -> list[bytes]:
-        """Always []: delayed SQS messages cannot be read before they are due."""
         return []
 
     @wrap_errors
