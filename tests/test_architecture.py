@@ -109,3 +109,10 @@ def test_core_modules_name_no_driver_technology() -> None:
         if not name.startswith(("machinery.drivers.", "machinery.testing"))
     }
     assert {name: deps for name, deps in offenders.items() if deps} == {}
+
+
+def test_every_package_says_what_it_holds() -> None:
+    packages = [path for path in SRC.rglob("__init__.py")]
+    assert len(packages) >= 12
+    missing = [str(p.relative_to(SRC)) for p in packages if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert missing == []
