@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from machinery.drivers.capabilities import BROKER_CAPABILITIES, Capable, DelayedListing, check_declared
+from machinery.drivers.delivery import Delivery, PublishItem
 from machinery.portal import PortalUser
 from machinery.tasks.signature import Signature, decode_signature
 
@@ -20,20 +20,9 @@ if TYPE_CHECKING:
     from machinery.config import Config
 
 T = TypeVar("T")
-#: what publish_many takes: the signature, its encoded body, and its ETA in Unix ns (None = now)
-PublishItem = tuple[Signature, bytes, int | None]
 
 
-@dataclass(slots=True, eq=False)
-class Delivery:
-    """One fetched message. `receipt` is the driver's handle (row id, delivery tag, receipt handle)."""
-
-    body: bytes
-    queue: str
-    receipt: Any = None
-    redelivered: bool = False
-    attempts: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
+__all__ = ["Broker", "Delivery", "PublishItem"]  # Delivery and PublishItem live in delivery.py
 
 
 class Broker(PortalUser, Capable, ABC):

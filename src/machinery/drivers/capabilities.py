@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from machinery.drivers.broker import Delivery, PublishItem
+    from machinery.drivers.delivery import Delivery, PublishItem
     from machinery.tasks.state import TaskState
     from machinery.waiters import Waiters
 
