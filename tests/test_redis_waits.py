@@ -15,7 +15,7 @@ from machinery import Config, Server, Signature
 from machinery.drivers.redis.backend import RedisBackend
 from machinery.drivers.redis.waits import LAST_LOOK, RECHECK_FIRST, RECHECK_MAX, Caller, Step, Wait, channel_of
 from machinery.tasks.state import STARTED, SUCCESS, TaskResult, TaskState, encode_state
-from redis_servers import REDIS_URL, require_redis
+from redis_servers import redis_url
 
 # --- the decisions -------------------------------------------------------------------------------
 
@@ -97,8 +97,7 @@ def test_a_caller_that_waits_for_what_it_sent_subscribes_with_its_next_send() ->
 
 @pytest.fixture
 async def raw() -> AsyncIterator[aioredis.Redis]:
-    require_redis()
-    client = aioredis.Redis.from_url(REDIS_URL)
+    client = aioredis.Redis.from_url(redis_url())  # this run's own server
     await client.flushdb()
     yield client
     await client.aclose()
@@ -106,7 +105,7 @@ async def raw() -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 async def server(raw: aioredis.Redis) -> AsyncIterator[Server]:
-    s = Server(Config(broker=REDIS_URL, result_backend=REDIS_URL, results_expire_in=120))
+    s = Server(Config(broker=redis_url(), result_backend=redis_url(), results_expire_in=120))
     yield s
     await s.aclose()
     s.portal.close()
@@ -114,7 +113,7 @@ async def server(raw: aioredis.Redis) -> AsyncIterator[Server]:
 
 async def store(task_uuid: str, value: int) -> None:
     """SUCCESS stored (and published) by another client, as a worker does."""
-    other = RedisBackend(Config(broker=REDIS_URL, result_backend=REDIS_URL))
+    other = RedisBackend(Config(broker=redis_url(), result_backend=redis_url()))
     try:
         await other.set_state(TaskState(task_uuid, SUCCESS, results=[TaskResult("int64", value)]))
     finally:
