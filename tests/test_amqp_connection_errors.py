@@ -120,3 +120,14 @@ def test_a_virtual_host_the_user_may_not_use(rabbit: PrivateRabbit) -> None:
     with pytest.raises(BrokerError) as err:
         asyncio.run(broker.publish(sig, encode_signature(sig), None))
     assert "access to virtual host 'locked' refused for user 'guest'" in str(err.value)
+
+
+def test_without_aiormq_s_handshake_step_the_plain_connection_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    import aiormq
+
+    from machinery.drivers.amqp import internals
+
+    assert internals.connection_class() is not aiormq.Connection  # this release: the reason is kept
+    assert issubclass(internals.connection_class(), aiormq.Connection)
+    monkeypatch.delattr(aiormq.Connection, "_rpc")
+    assert internals.connection_class() is aiormq.Connection

@@ -18,7 +18,7 @@ from machinery.drivers.redis.broker import RedisBroker
 from machinery.errors import BrokerError
 from machinery.tasks.signature import Signature, encode_signature
 from machinery.tasks.state import SUCCESS, TaskResult, TaskState
-from redis_servers import PrivateRedis, free_port, require_binary
+from redis_servers import PrivateRedis, free_port, redis_url, require_binary
 
 pytestmark = pytest.mark.redis
 
@@ -173,3 +173,46 @@ async def test_a_write_to_a_stalled_server_times_out(tmp_path: Path) -> None:
             os.kill(server.proc.pid, signal.SIGCONT)
         await backend.close()
         server.kill()
+
+
+async def test_tls_without_redis_py_s_hooks_falls_back_to_ssl_options(
+        tls_server: tuple[PrivateRedis, int, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a redis-py release has neither hook that takes an SSLContext as it is, its CAs and
+    verification settings go over as ssl_* options: the self-signed server is still verified."""
+    from machinery.drivers.redis import internals
+
+    monkeypatch.setattr(internals, "async_context_hook", lambda: False)
+    monkeypatch.setattr(internals, "blocking_wrap_hook", lambda: False)
+    server, port, cert = tls_server
+    try:
+        url = f"rediss://127.0.0.1:{port}/0"
+        tls = ssl.create_default_context(cafile=str(cert))
+        assert internals.async_tls_class(tls)[1]["ssl_ca_data"].startswith("-----BEGIN CERTIFICATE-----")
+        await round_trip(Config(broker=url, result_backend=url, tls=tls))
+        await asyncio.to_thread(blocking_round_trip, Config(broker=url, result_backend=url, tls=tls))
+        with pytest.raises(BrokerError):  # still verified: the default context refuses the certificate
+            await RedisBroker(Config(broker=url)).pending("machinery_tasks")
+    finally:
+        server.kill()
+
+
+async def test_without_the_hiredis_serializer_commands_pack_as_redis_py_packs_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis.connection
+
+    from machinery.drivers.redis import internals
+
+    url = redis_url()  # started (and pinged) before the class goes
+    monkeypatch.delattr(redis.connection, "HiredisRespSerializer")
+    assert internals.hiredis_serializer() is None
+    await round_trip(Config(broker=url, result_backend=url))
+
+
+def test_socket_helpers_do_without_the_socket_attribute() -> None:
+    from machinery.drivers.redis import internals
+
+    class Bare:
+        pass
+
+    assert internals.is_connected(Bare()) is True
+    internals.restore_socket_timeout(Bare(), 1.0)  # nothing to set, nothing raised

@@ -23,15 +23,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
-import aiormq
-import pamqp.frame
 from aiormq import exceptions as amqp_exc
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
-from aiormq.connection import FrameReceiver
 from pamqp import commands as spec
-from pamqp.base import Frame
-from pamqp.frame import FrameTypes
 
+from machinery.drivers.amqp import internals
+from machinery.drivers.amqp.internals import HandshakeRefused
 from machinery.errors import ConfigError, MachineryError
 from machinery.log import get_logger
 
@@ -62,37 +59,6 @@ DIAL_BACKOFF: Final = (0.5, 1.0, 2.0, 4.0, 8.0, 10.0)
 
 class Unavailable(ConnectionError):
     """No URL answered; retried inside the window, reported as the driver's error after it."""
-
-
-class HandshakeRefused(ConnectionError):
-    """RabbitMQ closed the connection during the handshake, with its reply code and text."""
-
-    def __init__(self, code: int, text: str) -> None:
-        super().__init__(f"{code} {text}")
-        self.code = code
-        self.text = text
-
-
-class _Connection(aiormq.Connection):
-    """aiormq's connection, keeping the server's reason when it closes the handshake: aiormq 7
-    reports a Connection.Close received instead of Connection.OpenOk (a missing virtual host, or
-    one the user may not use) as an InvalidFrameError that has lost the reply text."""
-
-    @staticmethod
-    async def _rpc(request: Frame, writer: asyncio.StreamWriter, frame_receiver: FrameReceiver,
-                   wait_response: bool = True) -> FrameTypes | None:
-        writer.write(pamqp.frame.marshal(request, 0))
-        await writer.drain()
-        if not wait_response:
-            return None
-        _, _, frame = await frame_receiver.get_frame()
-        if isinstance(frame, spec.Connection.Close):
-            if frame.reply_code == 403:
-                raise amqp_exc.ProbableAuthenticationError(frame.reply_text)
-            raise HandshakeRefused(frame.reply_code or 0, frame.reply_text or "")
-        if request.synchronous and frame.name not in request.valid_responses:
-            raise amqp_exc.InvalidFrameError(f"Expected one of {request.valid_responses!r}, got {frame!r}")
-        return frame
 
 
 #: set while this module dials, so that aiormq's own line for a failed dial (which we report
@@ -266,7 +232,7 @@ class AMQPLink:
         for index, url in enumerate(self.urls):
             token = _DIALING.set(True)
             try:
-                conn = _Connection(url, context=self.tls, client_properties=props)
+                conn = internals.connection_class()(url, context=self.tls, client_properties=props)
                 await asyncio.wait_for(conn.connect(), self.connect_timeout)
             except (*TRANSIENT_ERRORS, amqp_exc.AuthenticationError) as exc:
                 cause, permanent = explain(exc, url, self.connect_timeout)

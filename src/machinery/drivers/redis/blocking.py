@@ -13,7 +13,6 @@ Sentinel and Cluster take the asyncio path.
 from __future__ import annotations
 
 import os
-import ssl
 import threading
 import time
 import weakref
@@ -21,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from machinery.drivers.capabilities import BlockingReads
+from machinery.drivers.redis import internals
 from machinery.drivers.redis.client import (
     UNLIMITED_CONNECTIONS,
     Client,
@@ -50,8 +50,8 @@ def create_blocking_client(t: RedisTarget, cnf: Config) -> Client:
                                     **kwargs)
     else:
         host, port = t.hosts[0]
-        base = _blocking_tls_class(cnf.tls) if t.tls else redis.Connection
-        pool = redis.ConnectionPool(host=host, port=port, connection_class=base, **kwargs)
+        base, tls_options = internals.blocking_tls_class(cnf.tls) if t.tls else (redis.Connection, {})
+        pool = redis.ConnectionPool(host=host, port=port, connection_class=base, **kwargs, **tls_options)
     return redis.Redis(connection_pool=pool)
 
 
@@ -112,21 +112,6 @@ class BlockingClient:
 def _round_trip(conn: Any, args: tuple[Any, ...]) -> Any:
     conn.send_packed_command(conn.pack_command(*args))
     return conn.read_response()
-
-
-def _blocking_tls_class(ctx: ssl.SSLContext | None) -> type[Any]:
-    """Blocking TLS connections that use cnf.tls as is."""
-    from redis.connection import SSLConnection
-
-    if ctx is None:
-        return SSLConnection
-    context = ctx
-
-    class _ContextSSLConnection(SSLConnection):
-        def _wrap_socket_with_ssl(self, sock: Any) -> Any:
-            return context.wrap_socket(sock, server_hostname=self.host)
-
-    return _ContextSSLConnection
 
 
 _wrap = wrap_blocking_errors(BackendError, "redis backend")
@@ -192,7 +177,7 @@ class _Subscriber:
     def read(self, key: str, budget: float | None) -> TaskState | None:
         """GET `key`, giving up (_Late) when no reply comes within `budget` seconds."""
         conn = self.conn
-        if budget is not None and getattr(conn, "_sock", None) is None:
+        if budget is not None and not internals.is_connected(conn):
             _connect_within(conn, budget)
         conn.send_command("GET", key)
         if budget is not None and not conn.can_read(timeout=max(budget, 0.0)):
@@ -223,7 +208,7 @@ def _connect_within(conn: Any, budget: float) -> None:
         raise _Late from None
     finally:
         conn.socket_timeout, conn.socket_connect_timeout = saved
-    conn._sock.settimeout(saved[0])  # the socket keeps the timeout it was made with
+    internals.restore_socket_timeout(conn, saved[0])
 
 
 class BlockingRedis(BlockingReads):

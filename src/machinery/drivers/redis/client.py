@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from machinery.drivers.redis import internals
 from machinery.drivers.redis.url import RedisTarget
 from machinery.errors import MachineryError
 
@@ -65,7 +65,7 @@ def create_client(t: RedisTarget, cnf: Config) -> Client:
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
         if t.tls:
-            common.update(ssl=True, **_cluster_tls(cnf.tls))
+            common.update(ssl=True, **internals.ssl_options(cnf.tls))
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in t.hosts],
                             max_connections=r.max_active or 1000, **common)
     if t.master_name:
@@ -92,18 +92,9 @@ def create_client(t: RedisTarget, cnf: Config) -> Client:
             **pool_kwargs)
     else:
         host, port = t.hosts[0]
-        base = _tls_connection_class(cnf.tls) if t.tls else aioredis.Connection
-        pool = pool_class(host=host, port=port, connection_class=_timer_bounded(base), **pool_kwargs)
+        base, tls_options = internals.async_tls_class(cnf.tls) if t.tls else (aioredis.Connection, {})
+        pool = pool_class(host=host, port=port, connection_class=_timer_bounded(base), **pool_kwargs, **tls_options)
     return aioredis.Redis(connection_pool=pool)
-
-
-def _hiredis_packer() -> Any:
-    """redis-py's hiredis command packer, or None without hiredis."""
-    from redis.connection import HiredisRespSerializer
-    from redis.utils import HIREDIS_AVAILABLE
-
-    serializer: Any = HiredisRespSerializer  # typed in some redis-py releases, not in others
-    return serializer() if HIREDIS_AVAILABLE else None
 
 
 def _hiredis_pack() -> Any:
@@ -123,7 +114,7 @@ def _timer_bounded(base: type[Any]) -> type[Any]:
 
     class TimerBounded(base):  # type: ignore[misc]
         socket_timeout: float | None
-        _packer = _hiredis_packer()
+        _packer = internals.hiredis_serializer()
         _pack = _hiredis_pack()  # a builtin: not bound as a method
         _utf8: bool | None = None
 
@@ -204,33 +195,6 @@ class _Entry:
         self.client = client
         self.lock = asyncio.Lock()
         self.ready = False
-
-
-def _tls_connection_class(ctx: ssl.SSLContext | None) -> type[Any]:
-    """TLS connections that use cnf.tls as is (redis-py only takes loose ssl_* options)."""
-    from redis.asyncio.connection import SSLConnection
-
-    if ctx is None:
-        return SSLConnection
-
-    class _ContextSSLConnection(SSLConnection):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.ssl_context.context = ctx
-
-    return _ContextSSLConnection
-
-
-def _cluster_tls(ctx: ssl.SSLContext | None) -> dict[str, Any]:
-    """RedisCluster takes only ssl_* options: carry over what an SSLContext exposes (not client certs)."""
-    if ctx is None:
-        return {}
-    cas = ctx.get_ca_certs(binary_form=True)
-    out: dict[str, Any] = {"ssl_cert_reqs": ctx.verify_mode, "ssl_check_hostname": ctx.check_hostname,
-                           "ssl_min_version": ctx.minimum_version}
-    if cas:
-        out["ssl_ca_data"] = "".join(ssl.DER_cert_to_PEM_cert(c) for c in cas)
-    return out
 
 
 # --- keys ----------------------------------------------------------------------------------
