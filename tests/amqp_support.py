@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +227,18 @@ class PrivateRabbit:
     def stop(self) -> None:
         self.ctl("stop", timeout=60)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def private_rabbit_node() -> Iterator[PrivateRabbit]:
+    """A private RabbitMQ node for a module's tests (use as `pytest.fixture(scope="module")(...)`):
+    unavailable (a skip, or a failure with CI=true) when it cannot be installed or started."""
+    if not PrivateRabbit.available():
+        unavailable("rabbitmq-server is not installed: cannot start a private RabbitMQ node")
+    node = PrivateRabbit()
+    try:
+        node.start()
+    except Exception as exc:
+        node.stop()
+        unavailable(f"could not start a private RabbitMQ node: {exc}")
+    yield node
+    node.stop()

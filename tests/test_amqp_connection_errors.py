@@ -8,12 +8,11 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Iterator
 
 import aiormq
 import pytest
 
-from amqp_support import AMQP_URL, PrivateRabbit, require_rabbit, unavailable
+from amqp_support import AMQP_URL, PrivateRabbit, private_rabbit_node, require_rabbit
 from machinery import Config, Server, Signature
 from machinery.drivers.amqp.connection import HandshakeRefused, explain
 from machinery.errors import BrokerError
@@ -95,18 +94,7 @@ def test_a_missing_virtual_host_fails_at_once_naming_it() -> None:
     assert f"rabbitmqctl add_vhost {vhost}" in str(err.value)
 
 
-@pytest.fixture(scope="module")
-def rabbit() -> Iterator[PrivateRabbit]:
-    if not PrivateRabbit.available():
-        unavailable("rabbitmq-server is not installed: cannot start a private RabbitMQ node")
-    node = PrivateRabbit()
-    try:
-        node.start()
-    except Exception as exc:
-        node.stop()
-        unavailable(f"could not start a private RabbitMQ node: {exc}")
-    yield node
-    node.stop()
+rabbit = pytest.fixture(scope="module", name="rabbit")(private_rabbit_node)
 
 
 @pytest.mark.amqp

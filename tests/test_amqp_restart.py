@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
-from amqp_support import AMQP_URL, Admin, PrivateRabbit, make_cnf, require_rabbit, unavailable
+from amqp_support import AMQP_URL, Admin, PrivateRabbit, make_cnf, private_rabbit_node, require_rabbit, unavailable
 from machinery.drivers.amqp.backend import AMQPBackend
 from machinery.drivers.amqp.broker import AMQPBroker
 from machinery.errors import BrokerError
@@ -20,18 +19,7 @@ from machinery.tasks.state import STARTED, SUCCESS, TaskResult, TaskState
 pytestmark = [pytest.mark.amqp, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def rabbit() -> Iterator[PrivateRabbit]:
-    if not PrivateRabbit.available():
-        unavailable("rabbitmq-server is not installed: cannot start a private RabbitMQ node")
-    node = PrivateRabbit()
-    try:
-        node.start()
-    except Exception as exc:
-        node.stop()
-        unavailable(f"could not start a private RabbitMQ node: {exc}")
-    yield node
-    node.stop()
+rabbit = pytest.fixture(scope="module", name="rabbit")(private_rabbit_node)
 
 
 async def bounce(node: PrivateRabbit, after: float, down: float) -> None:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pytest
 
-from amqp_support import PrivateRabbit
+from amqp_support import PrivateRabbit, private_rabbit_node
 from fault_support import Fleet, Residue, Tally, rabbit_residue, read_runs, redis_residue, sqlite_residue, wait_for
 from machinery import Config, Server, Signature
 from naming import unique
@@ -90,18 +90,7 @@ def seed() -> int:
     return int(os.environ.get("MACHINERY_FAULT_SEED") or random.randrange(1 << 32))
 
 
-@pytest.fixture(scope="module")
-def rabbit() -> Iterator[PrivateRabbit]:
-    if not PrivateRabbit.available():
-        unavailable("rabbitmq-server is not installed: cannot start a private RabbitMQ node")
-    node = PrivateRabbit()
-    try:
-        node.start()
-    except Exception as exc:
-        node.stop()
-        unavailable(f"could not start a private RabbitMQ node: {exc}")
-    yield node
-    node.stop()
+rabbit = pytest.fixture(scope="module", name="rabbit")(private_rabbit_node)
 
 
 @pytest.fixture

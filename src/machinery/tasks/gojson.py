@@ -265,3 +265,14 @@ def from_ns(ns: int) -> Timestamp:
     seconds, rest = divmod(ns, 1_000_000_000)
     dt = datetime.fromtimestamp(seconds, UTC).replace(microsecond=rest // 1000)
     return Timestamp.with_nanos(dt, rest % 1000)
+
+
+def loads_or_none(text: Any) -> Any:
+    """JSON text decoded, or None when it is not a string of JSON (a store's optional field that
+    a reader should skip rather than fail on)."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return msgspec.json.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        return None

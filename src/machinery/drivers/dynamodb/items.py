@@ -176,17 +176,10 @@ def state_from_item(item: Item) -> TaskState:
     return TaskState(
         _text(item, "TaskUUID"), _text(item, "State"), task_name=_text(item, "TaskName"), results=results,
         error=_text(item, "Error"), created_at=_time(item, "CreatedAt"),
-        exc_type=_text(item, "ExcType"), traceback=_text(item, "Traceback"), progress=_json(_text(item, "Progress")),
+        exc_type=_text(item, "ExcType"), traceback=_text(item, "Traceback"),
+        progress=gojson.loads_or_none(_text(item, "Progress")),
     )
 
-
-def _json(text: str) -> Any:
-    if not text:
-        return None
-    try:
-        return msgspec.json.decode(text)
-    except (msgspec.DecodeError, RecursionError):
-        return None
 
 
 def group_from_item(item: Item) -> GroupMeta:

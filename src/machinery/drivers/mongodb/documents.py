@@ -225,17 +225,9 @@ def state_from_doc(doc: Doc) -> TaskState:
         ttl=_int(doc.get("ttl")),
         exc_type=str(doc.get("exc_type") or ""),
         traceback=str(doc.get("traceback") or ""),
-        progress=_json(doc.get("progress")),
+        progress=gojson.loads_or_none(doc.get("progress")),
     )
 
-
-def _json(text: Any) -> Any:
-    if not isinstance(text, str):
-        return None
-    try:
-        return msgspec.json.decode(text)
-    except (msgspec.DecodeError, RecursionError):
-        return None
 
 
 # --- group metas ---------------------------------------------------------------------------
