@@ -209,15 +209,15 @@ def count_reads(monkeypatch: pytest.MonkeyPatch, backend: RedisBackend, *, hide_
     """Record the waiting backend's own GETs of states; with `hide_completed` they never see a
     completed one, so a wait that returns it was told by the PUBLISH."""
     reads = Reads()
-    real = backend.get_state
+    real = backend.waits._read  # what a wait reads states with (drivers/redis/notify.py)
 
-    async def get_state(task_uuid: str) -> TaskState | None:
+    async def read(task_uuid: str) -> TaskState | None:
         state = await real(task_uuid)
         reads.append(task_uuid)
         reads.done.set()
         return None if hide_completed and state is not None and state.is_completed() else state
 
-    monkeypatch.setattr(backend, "get_state", get_state)
+    monkeypatch.setattr(backend.waits, "_read", read)
     return reads
 
 

@@ -62,10 +62,10 @@ def store_after(url: str, state: TaskState, event: threading.Event) -> threading
 def no_rereads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Waits re-read the state only after a minute: one that returns sooner was woken by a PUBLISH
     (or found the state in its first GET)."""
-    from machinery.drivers.redis import blocking as _redis_blocking
+    from machinery.drivers.redis import waits
 
-    monkeypatch.setattr(_redis_blocking, "RECHECK_FIRST", 60.0)
-    monkeypatch.setattr(_redis_blocking, "RECHECK_MAX", 60.0)
+    monkeypatch.setattr(waits, "RECHECK_FIRST", 60.0)
+    monkeypatch.setattr(waits, "RECHECK_MAX", 60.0)
 
 
 def test_send_and_wait_never_start_the_portal_thread(

@@ -159,16 +159,20 @@ def run(server: Server, args: argparse.Namespace) -> int:
         print(f"machinery: no result for {sig.name} ({sig.uuid}) within {timeout:g} s (now: {now}); "
               "the task stays queued", file=sys.stderr)
         return TIMED_OUT
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Interrupted):
         print(f"\nmachinery: stopped waiting; task {sig.uuid} was sent and may still run", file=sys.stderr)
         return INTERRUPTED
     print(json.dumps(value, default=repr))
     return 0
 
 
+class _Interrupted(MachineryError):
+    """Ctrl-C ended the wait (caught by run(), which says so in one line)."""
+
+
 def _wait(server: Server, result: AsyncResult[Any], timeout: float) -> Any:
     """result.get(timeout) on the server's event-loop thread. Ctrl-C cancels that wait (from a
-    SIGINT handler, so it lands wherever the main thread is) and ends here as KeyboardInterrupt,
+    SIGINT handler, so it lands wherever the main thread is) and ends here as _Interrupted,
     with no wait left running when the server closes."""
     interrupted = threading.Event()
     pending: list[concurrent.futures.Future[Any]] = []
@@ -191,7 +195,7 @@ def _wait(server: Server, result: AsyncResult[Any], timeout: float) -> Any:
             return future.result()
         except concurrent.futures.CancelledError:
             if interrupted.is_set():
-                raise KeyboardInterrupt from None
+                raise _Interrupted from None
             raise
     finally:
         if previous is not None:
