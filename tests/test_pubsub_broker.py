@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from google.api_core.exceptions import NotFound
 
 from machinery import Config, Server
 from machinery.config import GCPPubSubConfig
@@ -108,8 +109,17 @@ async def test_go_producer_message_is_fetched(broker: Any, names: str) -> None:
     """A message published as Go does (no attributes) is an ordinary delivery."""
     await broker.fetch(broker.cnf.default_queue, 1, 0.0)  # creates the topic and subscription
     body = Signature("add", [1], routing_key=broker.cnf.default_queue).to_json()
+    topic = f"projects/{PROJECT}/topics/{names}_tasks"
     with raw_clients(emulator_host()) as (pub, _):
-        pub.publish(topic=f"projects/{PROJECT}/topics/{names}_tasks", messages=[{"data": body}])
+        deadline = time.monotonic() + 10
+        while True:  # under load the topic can still be on its way when the fetch returns
+            try:
+                pub.get_topic(topic=topic)
+                break
+            except NotFound:
+                assert time.monotonic() < deadline, "the fetch did not create the topic"
+                await asyncio.sleep(0.05)
+        pub.publish(topic=topic, messages=[{"data": body}])
     got = await broker.fetch(broker.cnf.default_queue, 10, 5.0)
     assert [d.body for d in got] == [body]
     await broker.ack(got)
