@@ -202,7 +202,12 @@ async def test_without_the_hiredis_serializer_commands_pack_as_redis_py_packs_th
 
     from machinery.drivers.redis import internals
 
-    url = redis_url()  # started (and pinged) before the class goes
+    url = redis_url(9)  # a database of its own; started (and pinged) before the class goes
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(url)
+    client.flushdb()
+    client.close()
     monkeypatch.delattr(redis.connection, "HiredisRespSerializer")
     assert internals.hiredis_serializer() is None
     await round_trip(Config(broker=url, result_backend=url))

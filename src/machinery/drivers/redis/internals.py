@@ -36,7 +36,9 @@ def ssl_options(ctx: ssl.SSLContext | None) -> dict[str, Any]:
     if ctx is None:
         return {}
     cas = ctx.get_ca_certs(binary_form=True)
-    out: dict[str, Any] = {"ssl_cert_reqs": ctx.verify_mode, "ssl_check_hostname": ctx.check_hostname,
+    reqs = {ssl.CERT_NONE: "none", ssl.CERT_OPTIONAL: "optional"}.get(ctx.verify_mode, "required")
+    # by name: older releases take only the names (an enum there leaves the setting unset)
+    out: dict[str, Any] = {"ssl_cert_reqs": reqs, "ssl_check_hostname": ctx.check_hostname,
                            "ssl_min_version": ctx.minimum_version}
     if cas:
         out["ssl_ca_data"] = "".join(ssl.DER_cert_to_PEM_cert(c) for c in cas)
