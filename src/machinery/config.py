@@ -327,6 +327,8 @@ class Config(_Section):
     #: seconds the worker's event loop may be blocked (a blocking call in an async def task) before
     #: the worker logs a warning naming the task; 0 turns the check off
     blocked_loop_warning: float = 1.0
+    #: unfinished messages a worker holds, running or waiting for a slot (0 = twice its concurrency)
+    prefetch: int = 0
     tls: ssl.SSLContext | None = None
     #: the TLS settings that build `tls` when no SSLContext is given (YAML `tls:`, env TLS_*)
     tls_settings: TLSConfig = field(default_factory=TLSConfig)
@@ -350,6 +352,7 @@ class Config(_Section):
         "signing_key": "SIGNING_KEY", "signing_keys_old": "SIGNING_KEYS_OLD",
         "unregistered_bounces": "UNREGISTERED_BOUNCES",
         "blocked_loop_warning": "BLOCKED_LOOP_WARNING",
+        "prefetch": "PREFETCH",
     }
 
     def __post_init__(self) -> None:
@@ -367,7 +370,7 @@ class Config(_Section):
             raise ConfigError("config field broker: must not be empty")
         if not self.default_queue:
             raise ConfigError("config field default_queue: must not be empty")
-        _non_negative(self, "results_expire_in", "unregistered_bounces", "blocked_loop_warning")
+        _non_negative(self, "results_expire_in", "unregistered_bounces", "blocked_loop_warning", "prefetch")
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(f"config field event_loop: expected one of {', '.join(EVENT_LOOPS)}, "
                               f"got {self.event_loop!r}")
