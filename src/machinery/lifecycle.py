@@ -3,9 +3,9 @@
 A worker holds at most `prefetch` unfinished messages (running, or waiting for a slot). On a
 stop, the messages it fetched but did not start go back to the broker at once, and running tasks
 get `grace` seconds to finish before they are handed back too. Under a supervisor (`machinery
-worker --processes`), a worker retires, stopping the same way, after `max_tasks` messages or
-when its memory passes `max_memory_mb`; its process then exits with RECYCLE_EXIT
-(machinery.cli.supervisor) and a fresh one takes its place.
+worker --processes`), a worker retires, stopping the same way, after `max_tasks` messages, when
+its memory passes `max_memory_mb`, or when a thread ignores its hard time limit; its process then
+exits with RECYCLE_EXIT (machinery.cli.supervisor) and a fresh one takes its place.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from machinery.errors import MachineryError
@@ -32,8 +33,11 @@ class WorkerOptions(TypedDict, total=False):
 
     prefetch: int | None
     grace: float
+    time_limit: float | timedelta | None
+    soft_time_limit: float | timedelta | None
     max_tasks: int
     max_memory_mb: float
+    supervised: bool
 
 
 def whole(name: str, value: object) -> int:

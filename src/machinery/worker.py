@@ -3,7 +3,8 @@
 One event loop per process does all broker and backend I/O; `async def` tasks run on it and
 plain functions on a thread pool sized by `concurrency`. A worker holds at most `prefetch`
 unfinished messages, and nothing is acked before its final state (or its retry) is stored: a
-worker that dies loses no task. Prefetch, stopping and retiring: machinery.lifecycle.
+worker that dies loses no task. Time limits: machinery.limits; prefetch, stopping and retiring:
+machinery.lifecycle.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from machinery.errors import (
     ServerClosedError,
     UsageError,
 )
+from machinery.limits import TimeLimiter, TimeLimits, seconds
 from machinery.log import get_logger
 from machinery.loopwatch import LoopWatch, task_codes
 from machinery.retry import fibonacci_next
@@ -99,14 +101,17 @@ class Worker:
 
     `prefetch`: unfinished messages held at most (None: `Config.prefetch`; 0: twice the
     concurrency; below the concurrency it bounds the running tasks too). `grace`: seconds a stop
-    waits for running tasks before handing them back. `max_tasks` / `max_memory_mb` (0: none):
-    the worker retires (stops by itself, `retired` says why) after that many messages or past
-    that resident size.
+    waits for running tasks before handing them back. `time_limit` / `soft_time_limit`: the
+    default limits (None: Config's). `max_tasks` / `max_memory_mb` (0: none): the worker retires
+    (stops by itself, `retired` says why) after that many messages or past that resident size.
+    `supervised`: a supervisor replaces this process when it exits, so a thread that ignores its
+    hard time limit retires the worker too (without, it is only logged).
     """
 
     def __init__(self, server: Host, tag: str, concurrency: int = 10, queue: str | None = None, *,
                  prefetch: int | None = None, grace: float = lifecycle.DEFAULT_GRACE,
-                 max_tasks: int = 0, max_memory_mb: float = 0) -> None:
+                 time_limit: float | timedelta | None = None, soft_time_limit: float | timedelta | None = None,
+                 max_tasks: int = 0, max_memory_mb: float = 0, supervised: bool = False) -> None:
         if not isinstance(concurrency, int) or concurrency < 0:
             raise MachineryError(f"worker concurrency must be an int >= 0 (0 = no limit), got {concurrency!r}")
         cnf = server.cnf
@@ -117,10 +122,17 @@ class Worker:
         self.prefetch = (lifecycle.whole("prefetch", cnf.prefetch if prefetch is None else prefetch)
                          or 2 * (concurrency or MAX_FETCH_BATCH * 4))
         self.grace = lifecycle.amount("grace", grace)
+        limits = [cnf.time_limit if time_limit is None else time_limit,
+                  cnf.soft_time_limit if soft_time_limit is None else soft_time_limit]
+        hard, soft = (seconds(v) for v in limits)
+        if hard is None or soft is None:
+            raise MachineryError(f"worker time limits must be seconds >= 0 or timedeltas, got {limits!r}")
+        self.time_limits = TimeLimits(soft=soft, hard=hard)
         self.max_tasks = lifecycle.whole("max_tasks", max_tasks)
         self.max_memory_mb = lifecycle.amount("max_memory_mb", max_memory_mb)
+        self.supervised = supervised
         self.retired = ""
-        """Why the worker stopped by itself (max_tasks, max_memory_mb); "" if it did not."""
+        """Why the worker stopped by itself (max_tasks, max_memory_mb, a stuck thread); "" if it did not."""
         self._error_handler: Callable[[BaseException], Any] | None = None
         self._pre_task: Callable[[Signature], Any] | None = None
         self._post_task: Callable[[Signature], Any] | None = None
@@ -137,6 +149,7 @@ class Worker:
         self._slots: asyncio.Semaphore | None = None
         self._slot_freed: asyncio.Event | None = None
         self._pool: SyncRunner | None = None
+        self._limiter: TimeLimiter | None = None
         self._memory: lifecycle.MemoryLimit | None = None
         #: fetched messages not started yet: handed back at once when the worker stops
         self._unstarted: set[Delivery] = set()
@@ -246,6 +259,7 @@ class Worker:
         self._unstarted = set()
         threads = self.concurrency or UNLIMITED_THREADS
         self._pool = SyncRunner(loop, threads, f"machinery-{self.tag}")
+        self._limiter = TimeLimiter(self.time_limits, self._pool, self._stuck)
         self._memory = lifecycle.MemoryLimit(self.tag, self.max_memory_mb, self._retire) if self.max_memory_mb else None
         broker, backend = self.server.get_broker(), self.server.get_backend()
         self._committer = Committer(backend, broker)
@@ -332,6 +346,16 @@ class Worker:
             get_logger().info("worker %s retires: %s", self.tag, reason)
         if self._stop is not None:
             self._stop.set()
+
+    def _stuck(self, what: str) -> None:
+        """A thread abandoned at its hard time limit still runs."""
+        if self.supervised:
+            get_logger().error("worker %s: %s; the worker stops taking tasks, finishes the others and exits, "
+                               "for its supervisor to start a fresh process", self.tag, what)
+            self._retire(what)
+        else:
+            get_logger().warning("worker %s: %s; its slot is free, its thread still runs (under --processes, "
+                                 "such a worker process would be replaced)", self.tag, what)
 
     async def _abort_running(self) -> None:
         deliveries = list(self._active.values())
@@ -533,7 +557,11 @@ class Worker:
                                                reporter=self._progress_reporter(d, sig)))
                 if self._pre_task is not None:
                     await self._call_handler(self._pre_task, sig)
-                if spec.is_async:
+                assert self._limiter is not None
+                limits = self._limiter.limits_for(sig, spec.options)
+                if limits is not None:
+                    returned = await self._limiter.run(spec.fn, spec.is_async, args, sig, limits)
+                elif spec.is_async:
                     returned = await spec.fn(*args)
                 else:
                     assert self._pool is not None
