@@ -229,3 +229,44 @@ def test_sigterm_hands_back_unstarted_messages_and_the_grace_hands_back_the_runn
     running = done[0][0]
     assert Counter(tag for tag, _ in done) == {tag: 2 if tag == running else 1 for tag in ("t0", "t1", "t2", "t3")}
 
+
+RESTART_DURING_STOP = """
+import os, signal, sys, time
+from machinery.cli.supervisor import RECYCLE_EXIT, watch
+
+first = os.fork()
+if first == 0:
+    os._exit(RECYCLE_EXIT)  # retires at once: the supervisor starts a fresh one
+
+
+def spawn(index):
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(1.0)  # the moment between fork and exec, made long
+        os.execv(sys.executable, [sys.executable, "-c", "import signal, time; "
+                 "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); time.sleep(60)"])
+    print("spawned", pid, flush=True)
+    return pid
+
+
+sys.exit(watch({first: 0}, spawn, print, print))
+"""
+
+
+def test_a_stop_reaches_a_worker_the_supervisor_is_just_starting() -> None:
+    """A stop signal that arrives while a restarted worker is between fork and exec is not lost
+    (the stop would otherwise wait for that worker forever)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", RESTART_DURING_STOP], env=env, text=True, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert "retired; starting a fresh one" in proc.stdout.readline()
+        assert proc.stdout.readline().startswith("spawned")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            for pid in children(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()

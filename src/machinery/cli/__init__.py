@@ -333,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A worker restarted by the supervisor starts with the stop signals blocked (see
+    # supervisor.watch); one sent meanwhile is pending and takes effect here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.log_level is None:

@@ -79,8 +79,16 @@ def watch(children: dict[int, int], spawn: Callable[[int], int], error: Callable
             else:
                 error(f"worker process {index} (pid {pid}) exited with status {status}; restarting it")
                 time.sleep(RESTART_DELAY)
-            if not signals:
-                children[spawn(index)] = index
+            # Stop signals wait, blocked, until the new worker is in `children`, and it starts
+            # with them blocked (machinery.cli.main unblocks them): between fork and exec it still
+            # has this process's handler, which would swallow a forwarded SIGTERM, and the stop
+            # would wait for that worker forever.
+            signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+            try:
+                if not signals:
+                    children[spawn(index)] = index
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     return 0
 
 
