@@ -5,6 +5,7 @@ gives, and its command-line synopsis, scheme table and config table name what th
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -155,7 +156,8 @@ def test_the_command_line_synopsis_matches_the_parser() -> None:
         shown.setdefault(command, set()).update(re.findall(r"--[a-z][a-z-]*", " ".join(words)))
     assert set(commands) == set(shown) - {""}
     for name, sub in commands.items():
-        real = {opt for action in sub._actions for opt in action.option_strings if opt.startswith("--")}
+        real = {opt for action in sub._actions for opt in action.option_strings
+                if opt.startswith("--") and action.help != argparse.SUPPRESS}  # hidden: for the supervisor
         real -= {"--help", "--log-level", "--factory"}  # shared by every command, described below it
         assert shown[name] == real, (
             f"machinery {name}: the README shows {sorted(shown[name])}, the parser has {sorted(real)}")

@@ -17,8 +17,10 @@ if TYPE_CHECKING:
         OptionError,
         RetryTaskLater,
         ServerClosedError,
+        SoftTimeLimitExceeded,
         TaskArgumentsError,
         TaskError,
+        TimeLimitExceeded,
         TimeoutError,
     )
     from machinery.result import AsyncResult, ChainAsyncResult, ChordAsyncResult, GroupAsyncResult
@@ -34,7 +36,8 @@ _HOMES = {
     "TaskContext": "machinery.context",
     "MachineryError": "machinery.errors", "RetryTaskLater": "machinery.errors", "TaskError": "machinery.errors",
     "TimeoutError": "machinery.errors", "OptionError": "machinery.errors", "ServerClosedError": "machinery.errors",
-    "TaskArgumentsError": "machinery.errors",
+    "TaskArgumentsError": "machinery.errors", "SoftTimeLimitExceeded": "machinery.errors",
+    "TimeLimitExceeded": "machinery.errors",
     "AsyncResult": "machinery.result", "ChainAsyncResult": "machinery.result",
     "ChordAsyncResult": "machinery.result", "GroupAsyncResult": "machinery.result",
     "Server": "machinery.server", "Task": "machinery.task",
@@ -47,8 +50,8 @@ _HOMES = {
 __all__ = [
     "Arg", "AsyncResult", "Chain", "ChainAsyncResult", "Chord", "ChordAsyncResult", "Config", "Group",
     "GroupAsyncResult", "MachineryError", "OptionError", "RetryTaskLater", "Server", "ServerClosedError",
-    "Signature", "Task", "TaskArgumentsError", "TaskContext", "TaskError", "TaskResult", "TaskState",
-    "TimeoutError", "Worker",
+    "Signature", "SoftTimeLimitExceeded", "Task", "TaskArgumentsError", "TaskContext", "TaskError", "TaskResult",
+    "TaskState", "TimeLimitExceeded", "TimeoutError", "Worker",
 ]
 __version__ = "0.1.0"
 

@@ -15,10 +15,12 @@ import typing
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Self, get_type_hints
 
 from machinery.errors import ConfigError
+from machinery.limits import seconds
 from machinery.log import get_logger
 
 DEFAULT_SQLITE_URL = "sqlite:///machinery.sqlite3"
@@ -327,6 +329,12 @@ class Config(_Section):
     #: seconds the worker's event loop may be blocked (a blocking call in an async def task) before
     #: the worker logs a warning naming the task; 0 turns the check off
     blocked_loop_warning: float = 1.0
+    #: a task's hard and soft time limits (seconds or a timedelta; 0 = none) where neither its
+    #: message nor its registration sets one (machinery.limits)
+    time_limit: float | timedelta = 0.0
+    soft_time_limit: float | timedelta = 0.0
+    #: unfinished messages a worker holds, running or waiting for a slot (0 = twice its concurrency)
+    prefetch: int = 0
     tls: ssl.SSLContext | None = None
     #: the TLS settings that build `tls` when no SSLContext is given (YAML `tls:`, env TLS_*)
     tls_settings: TLSConfig = field(default_factory=TLSConfig)
@@ -350,6 +358,7 @@ class Config(_Section):
         "signing_key": "SIGNING_KEY", "signing_keys_old": "SIGNING_KEYS_OLD",
         "unregistered_bounces": "UNREGISTERED_BOUNCES",
         "blocked_loop_warning": "BLOCKED_LOOP_WARNING",
+        "time_limit": "TIME_LIMIT", "soft_time_limit": "SOFT_TIME_LIMIT", "prefetch": "PREFETCH",
     }
 
     def __post_init__(self) -> None:
@@ -367,7 +376,11 @@ class Config(_Section):
             raise ConfigError("config field broker: must not be empty")
         if not self.default_queue:
             raise ConfigError("config field default_queue: must not be empty")
-        _non_negative(self, "results_expire_in", "unregistered_bounces", "blocked_loop_warning")
+        _non_negative(self, "results_expire_in", "unregistered_bounces", "blocked_loop_warning", "prefetch")
+        for name in ("time_limit", "soft_time_limit"):
+            if seconds(getattr(self, name)) is None:
+                raise ConfigError(f"config field {name}: must be a number of seconds >= 0 or a timedelta, "
+                                  f"got {getattr(self, name)!r}")
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(f"config field event_loop: expected one of {', '.join(EVENT_LOOPS)}, "
                               f"got {self.event_loop!r}")

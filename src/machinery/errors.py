@@ -81,6 +81,24 @@ class BackendError(MachineryError):
     """The result backend refused or failed an operation."""
 
 
+class SoftTimeLimitExceeded(MachineryError):
+    """Raised inside a task that passed its soft time limit, so it can clean up: an `async def`
+    task is cancelled (it sees CancelledError), a plain function's thread gets this exception
+    injected. A task that lets it through fails with it; one that returns anyway succeeds."""
+
+    def __init__(self, message: str = "soft time limit exceeded") -> None:
+        super().__init__(message)
+
+
+class TimeLimitExceeded(MachineryError):
+    """A task passed its hard time limit: it ends in FAILURE with this error (retried as any
+    failure), its slot is freed at once, and its coroutine is cancelled or its thread gets this
+    exception injected and is abandoned."""
+
+    def __init__(self, message: str = "hard time limit exceeded") -> None:
+        super().__init__(message)
+
+
 class RetryTaskLater(MachineryError):
     """Raised inside a task: store RETRY and run it again after `delay`, without using a retry."""
 

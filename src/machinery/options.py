@@ -12,13 +12,20 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from machinery.errors import OptionError
+from machinery.limits import HEADERS as LIMIT_HEADERS
+from machinery.limits import seconds
 
 if TYPE_CHECKING:
     from machinery.tasks.signature import Signature
 
 
 class TaskDefaults(TypedDict, total=False):
-    """What `@server.task(...)` and `register_task()` take: defaults for every send of the task."""
+    """What `@server.task(...)` and `register_task()` take: defaults for every send of the task.
+
+    `time_limit` and `soft_time_limit` (seconds or a timedelta; 0 = none) stay with the task's
+    registration, where the worker reads them; given to one send (`with_options`), they travel in
+    its Headers instead (machinery.limits) and take precedence.
+    """
 
     routing_key: str
     headers: dict[str, Any]
@@ -29,6 +36,8 @@ class TaskDefaults(TypedDict, total=False):
     broker_message_group_id: str
     stop_task_deletion_on_error: bool
     ignore_when_task_not_registered: bool
+    time_limit: float | timedelta
+    soft_time_limit: float | timedelta
 
 
 class SendOptions(TaskDefaults, total=False):
@@ -57,6 +66,8 @@ _KINDS: dict[str, tuple[str, tuple[type, ...]]] = {
     "priority": _INT, "retry_count": _INT, "retry_timeout": _INT,
     "headers": ("a dict", (dict,)), "on_success": ("a list of Signatures", (list,)),
     "on_error": ("a list of Signatures", (list,)),
+    "time_limit": ("a number of seconds >= 0 or a timedelta", (int, float, timedelta)),
+    "soft_time_limit": ("a number of seconds >= 0 or a timedelta", (int, float, timedelta)),
 }
 
 
@@ -73,20 +84,27 @@ def check_defaults(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
 def signature_fields(task: str, defaults: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
     """Signature keyword arguments for one send: the task's defaults, then this send's options,
-    with `eta`/`countdown` made one aware time. Unknown names are refused by the caller."""
-    fields = dict(defaults)
+    with `eta`/`countdown` made one aware time and time limits put in the Headers (the task's
+    own limits are not: the worker reads them from its registration). Unknown names are refused
+    by the caller."""
+    fields = {k: v for k, v in defaults.items() if k not in LIMIT_HEADERS}
     eta: Any = options.get("eta")
     countdown: Any = options.get("countdown")
+    limits: dict[str, float] = {}
     for name, value in options.items():
         if name in ("eta", "countdown"):
             continue
         _check_value(task, name, value)
-        fields[name] = value
+        if name in LIMIT_HEADERS:
+            limits[LIMIT_HEADERS[name]] = seconds(value) or 0.0
+        else:
+            fields[name] = value
     if eta is not None or countdown is not None:
         fields["eta"] = resolve_eta(task, eta, countdown)
     headers = fields.get("headers")
-    if headers is not None:
-        fields["headers"] = dict(headers)  # the tracer writes into it: never the shared default
+    if headers is not None or limits:
+        # a copy: the tracer writes into it, and it must never be the shared default
+        fields["headers"] = {**(headers or {}), **limits}
     return fields
 
 
@@ -114,6 +132,8 @@ def _check_value(task: str, name: str, value: Any) -> None:
         raise OptionError(f"task {task!r}: option priority must be 0..255 (Go's uint8), got {value}")
     if name in ("retry_count", "retry_timeout") and value < 0:
         raise OptionError(f"task {task!r}: option {name} must be >= 0, got {value}")
+    if name in LIMIT_HEADERS and seconds(value) is None:
+        raise OptionError(f"task {task!r}: option {name} must be {what}, got {value!r}")
     if name in ("on_success", "on_error"):
         from machinery.tasks.signature import Signature
 
@@ -123,7 +143,7 @@ def _check_value(task: str, name: str, value: Any) -> None:
 
 
 def _fits(value: Any, types_: tuple[type, ...]) -> bool:
-    return isinstance(value, types_) and not (types_ == (int,) and isinstance(value, bool))
+    return isinstance(value, types_) and not (bool not in types_ and isinstance(value, bool))
 
 
 def _s(items: list[str]) -> str:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from machinery.drivers.broker import Broker, PublishItem
     from machinery.drivers.capabilities import Pairing
     from machinery.drivers.lock import Lock
+    from machinery.lifecycle import WorkerOptions
     from machinery.periodic import PeriodicScheduler
     from machinery.worker import Worker
 
@@ -449,12 +450,14 @@ class Server:
 
     # --- workers ---------------------------------------------------------------------------
 
-    def new_worker(self, tag: str = "", concurrency: int = 10, queue: str | None = None) -> Worker:
-        """A worker consuming `queue` (default queue when None); concurrency 0 = no limit, 1 = serial."""
+    def new_worker(self, tag: str = "", concurrency: int = 10, queue: str | None = None,
+                   **options: Unpack[WorkerOptions]) -> Worker:
+        """A worker consuming `queue` (default queue when None); concurrency 0 = no limit, 1 = serial;
+        `options`: prefetch, grace, time limits, recycling (see Worker)."""
         from machinery.worker import Worker
 
         self._check_open()
-        return Worker(self, tag or f"worker_{_uuid.uuid4().hex[:8]}", concurrency, queue)
+        return Worker(self, tag or f"worker_{_uuid.uuid4().hex[:8]}", concurrency, queue, **options)
 
     def new_custom_queue_worker(self, tag: str, concurrency: int, queue: str) -> Worker:
         return self.new_worker(tag, concurrency, queue)

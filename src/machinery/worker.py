@@ -1,9 +1,10 @@
 """Worker: fetches batches from the broker, runs tasks, stores states, then acks.
 
 One event loop per process does all broker and backend I/O; `async def` tasks run on it and
-plain functions on a thread pool sized by `concurrency`. Fetches never exceed the free slots, so
-a worker holds no more messages than it can run, and nothing is acked before its final state
-(or its retry) is stored: a worker that dies loses no task.
+plain functions on a thread pool sized by `concurrency`. A worker holds at most `prefetch`
+unfinished messages, and nothing is acked before its final state (or its retry) is stored: a
+worker that dies loses no task. Time limits: machinery.limits; prefetch, stopping and retiring:
+machinery.lifecycle.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from machinery import loops, workflows
+from machinery import lifecycle, loops, workflows
 from machinery.committer import Committer
 from machinery.context import RETRIES_HEADER, TaskContext, retries_done
 from machinery.drivers.capabilities import EarlyHandout, JointCommit, Leases, Pairing, capability_of
@@ -34,6 +35,7 @@ from machinery.errors import (
     ServerClosedError,
     UsageError,
 )
+from machinery.limits import TimeLimiter, TimeLimits, seconds
 from machinery.log import get_logger
 from machinery.loopwatch import LoopWatch, task_codes
 from machinery.retry import fibonacci_next
@@ -99,15 +101,42 @@ class Host(Protocol):
     def plan_follow_ups(self, sigs: Sequence[Signature]) -> tuple[list[TaskState], list[PublishItem]] | None: ...
 
 class Worker:
-    """Consumes one queue; create it with `server.new_worker(tag, concurrency, queue)`."""
+    """Consumes one queue; create it with `server.new_worker(tag, concurrency, queue, ...)`.
 
-    def __init__(self, server: Host, tag: str, concurrency: int = 10, queue: str | None = None) -> None:
+    `prefetch`: unfinished messages held at most (None: `Config.prefetch`; 0: twice the
+    concurrency; below the concurrency it bounds the running tasks too). `grace`: seconds a stop
+    waits for running tasks before handing them back. `time_limit` / `soft_time_limit`: the
+    default limits (None: Config's). `max_tasks` / `max_memory_mb` (0: none): the worker retires
+    (stops by itself, `retired` says why) after that many messages or past that resident size.
+    `supervised`: a supervisor replaces this process when it exits, so a thread that ignores its
+    hard time limit retires the worker too (without, it is only logged).
+    """
+
+    def __init__(self, server: Host, tag: str, concurrency: int = 10, queue: str | None = None, *,
+                 prefetch: int | None = None, grace: float = lifecycle.DEFAULT_GRACE,
+                 time_limit: float | timedelta | None = None, soft_time_limit: float | timedelta | None = None,
+                 max_tasks: int = 0, max_memory_mb: float = 0, supervised: bool = False) -> None:
         if not isinstance(concurrency, int) or concurrency < 0:
             raise MachineryError(f"worker concurrency must be an int >= 0 (0 = no limit), got {concurrency!r}")
+        cnf = server.cnf
         self.server = server
         self.tag = tag
         self.concurrency = concurrency
-        self.queue = queue or server.cnf.default_queue
+        self.queue = queue or cnf.default_queue
+        self.prefetch = (lifecycle.whole("prefetch", cnf.prefetch if prefetch is None else prefetch)
+                         or 2 * (concurrency or MAX_FETCH_BATCH * 4))
+        self.grace = lifecycle.amount("grace", grace)
+        limits = [cnf.time_limit if time_limit is None else time_limit,
+                  cnf.soft_time_limit if soft_time_limit is None else soft_time_limit]
+        hard, soft = (seconds(v) for v in limits)
+        if hard is None or soft is None:
+            raise MachineryError(f"worker time limits must be seconds >= 0 or timedeltas, got {limits!r}")
+        self.time_limits = TimeLimits(soft=soft, hard=hard)
+        self.max_tasks = lifecycle.whole("max_tasks", max_tasks)
+        self.max_memory_mb = lifecycle.amount("max_memory_mb", max_memory_mb)
+        self.supervised = supervised
+        self.retired = ""
+        """Why the worker stopped by itself (max_tasks, max_memory_mb, a stuck thread); "" if it did not."""
         self._error_handler: Callable[[BaseException], Any] | None = None
         self._pre_task: Callable[[Signature], Any] | None = None
         self._post_task: Callable[[Signature], Any] | None = None
@@ -124,6 +153,10 @@ class Worker:
         self._slots: asyncio.Semaphore | None = None
         self._slot_freed: asyncio.Event | None = None
         self._pool: SyncRunner | None = None
+        self._limiter: TimeLimiter | None = None
+        self._memory: lifecycle.MemoryLimit | None = None
+        #: fetched messages not started yet: handed back at once when the worker stops
+        self._unstarted: set[Delivery] = set()
         self._committer: Committer | None = None
         self._early: EarlyHandout | None = None
         self.processed = 0
@@ -208,7 +241,7 @@ class Worker:
     @property
     def held(self) -> int:
         """Messages fetched and not finished yet (running, or waiting for a slot or their state
-        write); at most 2 x concurrency. A finished message waits only for its ack's round trip."""
+        write); at most `prefetch`. A finished message waits only for its ack's round trip."""
         return len(self._active)
 
     @property
@@ -227,8 +260,12 @@ class Worker:
         self._slots = asyncio.Semaphore(self.concurrency or MAX_FETCH_BATCH * 4)
         self._signals = 0
         self._stopped.clear()
+        self.retired = ""
+        self._unstarted = set()
         threads = self.concurrency or UNLIMITED_THREADS
         self._pool = SyncRunner(loop, threads, f"machinery-{self.tag}")
+        self._limiter = TimeLimiter(self.time_limits, self._pool, self._stuck)
+        self._memory = lifecycle.MemoryLimit(self.tag, self.max_memory_mb, self._retire) if self.max_memory_mb else None
         broker, backend = self.server.get_broker(), self.server.get_backend()
         self._committer = Committer(backend, broker, capability_of(self.server.get_pairing(), JointCommit))
         self._early = broker.capability(EarlyHandout)
@@ -261,11 +298,10 @@ class Worker:
             # Drivers give back what a cancelled fetch had claimed, so stopping need not wait for it.
             consume_task.cancel()
             await asyncio.gather(consume_task, return_exceptions=True)
-            if not self._abort.is_set() and self._active:
-                log.info("worker %s: waiting for %d running tasks", self.tag, len(self._active))
-                await asyncio.wait([abort_wait, *self._active], return_when=asyncio.FIRST_COMPLETED)
-                while self._active and not self._abort.is_set():
-                    await asyncio.wait([abort_wait, *self._active], return_when=asyncio.FIRST_COMPLETED)
+            if not self._abort.is_set():
+                await self._hand_back({t: d for t, d in self._active.items() if d in self._unstarted},
+                                      "fetched, not started")
+                await self._await_running(abort_wait)
             if self._abort.is_set():
                 self.aborted = True
                 await self._abort_running()
@@ -299,6 +335,34 @@ class Worker:
             assert self._abort is not None
             self._abort.set()
 
+    async def _await_running(self, abort_wait: asyncio.Task[Any]) -> None:
+        """Wait for the running tasks up to the grace, then hand back those still running."""
+        if await lifecycle.wait_running(self._active, abort_wait, self.grace, self.tag):
+            self.aborted = True  # their threads may still run
+            await self._hand_back(dict(self._active), "still running after the grace")
+
+    async def _hand_back(self, tasks: dict[asyncio.Task[None], Delivery], why: str) -> None:
+        self._unstarted.difference_update(tasks.values())
+        await lifecycle.hand_back(self.server.get_broker(), tasks, self.tag, why)
+
+    def _retire(self, reason: str) -> None:
+        """Stop by itself, as on a stop signal, recording why."""
+        if not self.retired:
+            self.retired = reason
+            get_logger().info("worker %s retires: %s", self.tag, reason)
+        if self._stop is not None:
+            self._stop.set()
+
+    def _stuck(self, what: str) -> None:
+        """A thread abandoned at its hard time limit still runs."""
+        if self.supervised:
+            get_logger().error("worker %s: %s; the worker stops taking tasks, finishes the others and exits, "
+                               "for its supervisor to start a fresh process", self.tag, what)
+            self._retire(what)
+        else:
+            get_logger().warning("worker %s: %s; its slot is free, its thread still runs (under --processes, "
+                                 "such a worker process would be replaced)", self.tag, what)
+
     async def _abort_running(self) -> None:
         deliveries = list(self._active.values())
         for task in list(self._active):
@@ -314,16 +378,21 @@ class Worker:
     async def _consume_loop(self) -> None:
         assert self._stop is not None and self._slot_freed is not None
         broker = self.server.get_broker()
-        limit = self.concurrency or MAX_FETCH_BATCH * 4
         backoff = 0
         while not self._stop.is_set():
             if self._pre_consume is not None and not await _maybe_await(self._pre_consume(self)):
                 await _sleep_or(self._stop, 0.1)
                 continue
-            # At most `limit` tasks run and at most 2 x limit messages are held: the others wait
-            # for a slot, or for their state write and ack. Fetching past the free slots keeps
+            # At most `concurrency` tasks run and at most `prefetch` messages are held: the others
+            # wait for a slot, or for their state write and ack. Fetching past the free slots keeps
             # batches large when tasks are short (fewer round trips per task).
-            free = 2 * limit - len(self._active)
+            free = self.prefetch - len(self._active)
+            if self.max_tasks:  # never take more than it may run: nothing to hand back when it retires
+                left = self.max_tasks - self.processed - len(self._active)
+                if left <= 0 and not self._active:
+                    self._retire(f"it took its {self.max_tasks} tasks")
+                    return
+                free = min(free, left)
             if free <= 0:
                 self._slot_freed.clear()
                 await _first(self._slot_freed.wait(), self._stop.wait())
@@ -342,6 +411,7 @@ class Worker:
             for d in deliveries:
                 task = asyncio.get_running_loop().create_task(self._handle(d))
                 self._active[task] = d
+                self._unstarted.add(d)
                 task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
@@ -349,6 +419,8 @@ class Worker:
         assert self._slot_freed is not None
         self._slot_freed.set()
         self.processed += 1
+        if self._memory is not None:
+            self._memory.after_task()
         if not task.cancelled() and task.exception() is not None:
             get_logger().error("internal error handling a message: %r", task.exception())
 
@@ -373,6 +445,7 @@ class Worker:
         retrying, storing) ends the message here, so none is left unsettled to come back forever
         or to hold a prefetch slot: FAILURE where it has a UUID, else the dead letters."""
         sig: Signature | None = None
+        self._unstarted.discard(d)  # started: from here only the wait for a slot may be given up
         try:
             try:
                 sig = decode_signature(d.body)
@@ -479,7 +552,9 @@ class Worker:
         assert slots is not None
         if slots.locked():  # RECEIVED while it waits for a slot (else STARTED replaces it unwritten)
             committer.put_state(TaskState(sig.uuid, RECEIVED, task_name=sig.name))
+            self._unstarted.add(d)  # a stop meanwhile hands it back
         await slots.acquire()
+        self._unstarted.discard(d)
         try:
             try:
                 committer.put_state(TaskState(sig.uuid, STARTED, task_name=sig.name))
@@ -490,7 +565,11 @@ class Worker:
                                                reporter=self._progress_reporter(d, sig)))
                 if self._pre_task is not None:
                     await self._call_handler(self._pre_task, sig)
-                if spec.is_async:
+                assert self._limiter is not None
+                limits = self._limiter.limits_for(sig, spec.options)
+                if limits is not None:
+                    returned = await self._limiter.run(spec.fn, spec.is_async, args, sig, limits)
+                elif spec.is_async:
                     returned = await spec.fn(*args)
                 else:
                     assert self._pool is not None

@@ -39,24 +39,33 @@ def _server(args: argparse.Namespace) -> Server:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from machinery.cli.supervisor import RECYCLE_EXIT
+
+    # Recycling needs a supervisor to start the fresh process: with it even one process has one.
+    recycling = bool(args.max_tasks_per_child or args.max_memory_per_child)
+    supervised = args.supervised or args.processes > 1 or recycling
+
     def child(index: int) -> int:
         server = load_app(args.app, args.factory)
         name = args.name or f"worker@{os.uname().nodename}"
-        if args.processes > 1:
+        if supervised and not args.supervised:  # forked here; a restarted one is named by the supervisor
             name = f"{name}-{index}"
-        worker = server.new_worker(name, args.concurrency, args.queue)
+        worker = server.new_worker(
+            name, args.concurrency, args.queue, prefetch=args.prefetch, grace=args.grace,
+            time_limit=args.time_limit, soft_time_limit=args.soft_time_limit, max_tasks=args.max_tasks_per_child,
+            max_memory_mb=args.max_memory_per_child, supervised=supervised)
         if args.scheduler:
             _require_schedules(server, args)
             server.start_scheduler()
         worker.launch()
         if args.scheduler:
             server.stop_scheduler()
-        if worker.aborted:  # do not wait for abandoned task threads at interpreter exit
+        if worker.aborted or worker.retired:  # do not wait for abandoned task threads at interpreter exit
             logging.shutdown()
-            os._exit(1)
+            os._exit(RECYCLE_EXIT if worker.retired else 1)
         return 0
 
-    if args.processes == 1:
+    if not supervised or args.supervised:
         return child(0)
     if args.preload:
         # Import the app (and through it the library and the drivers) once, before forking: the
@@ -108,13 +117,18 @@ def supervise(args: argparse.Namespace, child_main: Callable[[int], int]) -> int
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervisor.py")
     if sys.executable and os.path.exists(script):
         name = args.name or f"worker@{os.uname().nodename}"
-        argv = ["--log-level", args.log_level, "worker", "--app", args.app, "--concurrency", str(args.concurrency)]
+        argv = ["--log-level", args.log_level, "worker", "--app", args.app, "--concurrency", str(args.concurrency),
+                "--supervised", "--grace", str(args.grace)]
         if args.factory:
             argv.append("--factory")
         if args.queue:
             argv += ["--queue", args.queue]
         if args.scheduler:
             argv.append("--scheduler")
+        for option in ("prefetch", "time_limit", "soft_time_limit", "max_tasks_per_child", "max_memory_per_child"):
+            value = getattr(args, option)
+            if value is not None:
+                argv += [f"--{option.replace('_', '-')}", str(value)]
         sys.stdout.flush()
         sys.stderr.flush()
         try:
@@ -123,7 +137,7 @@ def supervise(args: argparse.Namespace, child_main: Callable[[int], int]) -> int
                                       *(f"{i}:{pid}" for pid, i in children.items()), "--", *argv])
         except OSError as exc:
             log.warning("could not start the slim supervisor (%s); supervising from this process", exc)
-    return watch(children, spawn, log.error)
+    return watch(children, spawn, log.error, log.info)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -206,6 +220,16 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -265,6 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the app's periodic schedules (in each worker process; each tick is sent once)")
     p.add_argument("--no-preload", dest="preload", action="store_false",
                    help="with --processes > 1: import the app in each worker process, not once before forking")
+    p.add_argument("--time-limit", type=_non_negative, default=None, metavar="S",
+                   help="hard time limit of tasks that set none (default: the config's; 0 = none)")
+    p.add_argument("--soft-time-limit", type=_non_negative, default=None, metavar="S",
+                   help="soft time limit of tasks that set none (default: the config's; 0 = none)")
+    p.add_argument("--prefetch", type=_int_at_least(0), default=None, metavar="N",
+                   help="unfinished messages a process holds (default: the config's; 0 = twice the concurrency)")
+    p.add_argument("--grace", type=_non_negative, default=30.0, metavar="S",
+                   help="on a stop, seconds running tasks get to finish before they are handed back (default 30)")
+    p.add_argument("--max-tasks-per-child", type=_int_at_least(0), default=0, metavar="N",
+                   help="replace a worker process with a fresh one after N tasks (0 = never)")
+    p.add_argument("--max-memory-per-child", type=_non_negative, default=0.0, metavar="MB",
+                   help="replace a worker process with a fresh one once its resident memory passes MB (0 = never)")
+    # set by the supervisor on the processes it starts: a thread stuck past its hard time limit
+    # then retires the process (hidden: not for users)
+    p.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_worker)
 
     p = command("send", "send a task; prints its UUID (and with --wait its result)")
@@ -294,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A worker restarted by the supervisor starts with the stop signals blocked (see
+    # supervisor.watch); one sent meanwhile is pending and takes effect here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.log_level is None:

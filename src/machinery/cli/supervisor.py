@@ -24,22 +24,31 @@ if TYPE_CHECKING:
 
 #: seconds between a worker's death and its restart (a worker that dies at once must not spin)
 RESTART_DELAY = 1.0
+#: the exit status of a worker that retired to be replaced (EX_TEMPFAIL): started again at once
+RECYCLE_EXIT = 75
 _LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 
 
-def log_error(level: str, message: str) -> None:
-    """One line in the worker's log format (logging itself would double this process's size)."""
-    if _LEVELS.get(level.upper(), 20) > _LEVELS["ERROR"]:
+def log_line(level: str, severity: str, message: str) -> None:
+    """One line in the worker's log format (logging itself would double this process's size),
+    if `severity` passes the log `level`."""
+    if _LEVELS.get(level.upper(), 20) > _LEVELS[severity]:
         return
     now = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-    print(f"{stamp},{int(now % 1 * 1000):03d} ERROR machinery: {message}", file=sys.stderr, flush=True)
+    print(f"{stamp},{int(now % 1 * 1000):03d} {severity} machinery: {message}", file=sys.stderr, flush=True)
 
 
-def watch(children: dict[int, int], spawn: Callable[[int], int], error: Callable[[str], None]) -> int:
-    """Wait on the workers (pid -> index), restart any that exits unasked, and turn each SIGINT
-    or SIGTERM into one SIGTERM per worker (a second one stops them at once). Returns when all
-    have exited after a stop signal."""
+def log_error(level: str, message: str) -> None:
+    log_line(level, "ERROR", message)
+
+
+def watch(children: dict[int, int], spawn: Callable[[int], int], error: Callable[[str], None],
+          info: Callable[[str], None] | None = None) -> int:
+    """Wait on the workers (pid -> index), restart any that exits unasked (at once when it
+    retired, with RECYCLE_EXIT; else after RESTART_DELAY), and turn each SIGINT or SIGTERM into
+    one SIGTERM per worker (a second one stops them at once). Returns when all have exited after
+    a stop signal."""
     signals = 0
 
     def forward(_signum: int, _frame: object) -> None:
@@ -51,9 +60,10 @@ def watch(children: dict[int, int], spawn: Callable[[int], int], error: Callable
             except ProcessLookupError:
                 pass
 
+    stops = {signal.SIGINT, signal.SIGTERM}
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     while children:
         try:
             pid, status = os.wait()
@@ -63,10 +73,22 @@ def watch(children: dict[int, int], spawn: Callable[[int], int], error: Callable
             continue
         index = children.pop(pid, None)
         if index is not None and not signals:
-            error(f"worker process {index} (pid {pid}) exited with status {status}; restarting it")
-            time.sleep(RESTART_DELAY)
-            if not signals:
-                children[spawn(index)] = index
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == RECYCLE_EXIT:
+                if info is not None:
+                    info(f"worker process {index} (pid {pid}) retired; starting a fresh one")
+            else:
+                error(f"worker process {index} (pid {pid}) exited with status {status}; restarting it")
+                time.sleep(RESTART_DELAY)
+            # Stop signals wait, blocked, until the new worker is in `children`, and it starts
+            # with them blocked (machinery.cli.main unblocks them): between fork and exec it still
+            # has this process's handler, which would swallow a forwarded SIGTERM, and the stop
+            # would wait for that worker forever.
+            signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+            try:
+                if not signals:
+                    children[spawn(index)] = index
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     return 0
 
 
@@ -92,7 +114,8 @@ def main(args: list[str]) -> int:
     level, name, rest = args[0], args[1], args[2:]
     split = rest.index("--")
     children = {int(pid): int(index) for index, pid in (a.split(":") for a in rest[:split])}
-    return watch(children, _spawner(rest[split + 1:], name), lambda message: log_error(level, message))
+    return watch(children, _spawner(rest[split + 1:], name), lambda message: log_error(level, message),
+                 lambda message: log_line(level, "INFO", message))
 
 
 if __name__ == "__main__":
