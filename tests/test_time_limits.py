@@ -1,5 +1,5 @@
 """Time limits: soft and hard, on async and plain tasks that sleep or spin, on the embedded SQLite
-store and on Redis (MACHINERY_TEST_REDIS_URL; point it at a private server), and how a run's
+store and on Redis (this run's own Redis server), and how a run's
 limits are chosen."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from machinery.errors import ConfigError, MachineryError
 from machinery.limits import HARD_HEADER, SOFT_HEADER, TimeLimiter, TimeLimits
 from machinery.testing import memory_server, running_worker
 from machinery.threads import SyncRunner
-from redis_servers import REDIS_URL, require_redis
+from redis_servers import redis_url
 
 HARD = "machinery.errors.TimeLimitExceeded"
 SOFT = "machinery.errors.SoftTimeLimitExceeded"
@@ -44,9 +44,9 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
         url = f"sqlite:///{tmp_path / 'limits.sqlite3'}"
         cnf = Config(broker=url, result_backend=url)
     else:
-        require_redis()
+        url = redis_url()  # this run's own Redis server
         ns = uuid.uuid4().hex[:10]
-        cnf = Config(broker=REDIS_URL, result_backend=REDIS_URL, default_queue=f"limits_{ns}",
+        cnf = Config(broker=url, result_backend=url, default_queue=f"limits_{ns}",
                      redis=RedisConfig(delayed_tasks_key=f"limits_delayed_{ns}"))
     srv = Server(cnf)
     yield srv

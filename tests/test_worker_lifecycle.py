@@ -1,4 +1,4 @@
-"""Worker lifecycle on real stores (the embedded SQLite file; Redis at MACHINERY_TEST_REDIS_URL,
+"""Worker lifecycle on real stores (the embedded SQLite file; this run's own Redis server,
 point it at a private server): the prefetch bound, a stop that hands back what was fetched but
 not started, the grace for running tasks, and retiring after max_tasks or past max_memory_mb."""
 
@@ -21,7 +21,7 @@ from machinery.config import RedisConfig
 from machinery.errors import MachineryError
 from machinery.testing import memory_server
 from machinery.worker import Worker
-from redis_servers import REDIS_URL, require_redis
+from redis_servers import redis_url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
@@ -29,9 +29,9 @@ def cnf(request: pytest.FixtureRequest, tmp_path: Path) -> Config:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'lifecycle.sqlite3'}"
         return Config(broker=url, result_backend=url)
-    require_redis()
+    url = redis_url()  # this run's own Redis server
     ns = uuid.uuid4().hex[:10]
-    return Config(broker=REDIS_URL, result_backend=REDIS_URL, default_queue=f"lifecycle_{ns}",
+    return Config(broker=url, result_backend=url, default_queue=f"lifecycle_{ns}",
                   redis=RedisConfig(delayed_tasks_key=f"lifecycle_delayed_{ns}"))
 
 

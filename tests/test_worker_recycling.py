@@ -1,5 +1,5 @@
 """Recycling `machinery worker --processes` children through the real command, on the embedded
-SQLite store and (most) on Redis at MACHINERY_TEST_REDIS_URL (point it at a private server): a
+SQLite store and (most) on this run's own Redis server: a
 child whose thread ignores its hard time limit, --max-tasks-per-child and --max-memory-per-child;
 and a stop signal's hand-back and grace. No task may be lost."""
 
@@ -19,7 +19,7 @@ import pytest
 
 from machinery import Config, Server, Signature, TaskError
 from machinery.config import RedisConfig
-from redis_servers import REDIS_URL, require_redis
+from redis_servers import redis_url
 
 pytestmark = pytest.mark.slow
 
@@ -78,9 +78,9 @@ def cnf(request: pytest.FixtureRequest, tmp_path: Path) -> Config:
     if getattr(request, "param", "sqlite") == "sqlite":
         url = f"sqlite:///{tmp_path / 'recycle.sqlite3'}"
         return Config(broker=url, result_backend=url)
-    require_redis()
+    url = redis_url()  # this run's own Redis server
     ns = uuid.uuid4().hex[:10]
-    return Config(broker=REDIS_URL, result_backend=REDIS_URL, default_queue=f"recycle_{ns}",
+    return Config(broker=url, result_backend=url, default_queue=f"recycle_{ns}",
                   redis=RedisConfig(delayed_tasks_key=f"recycle_delayed_{ns}"))
 
 
